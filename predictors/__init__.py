@@ -1,0 +1,1 @@
+"""Accuracy predictors trained on measured (architecture, fitness) pairs; see the predictor issue."""

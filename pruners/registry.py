@@ -1,0 +1,139 @@
+"""Where the decoder blocks and prunable projections of each model family are.
+
+Known families are listed explicitly; any other causal LM made of a ``ModuleList`` of decoder blocks is walked
+through the generic fallback, which treats every linear layer inside a block as prunable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - very old transformers
+    from transformers.modeling_utils import Conv1D
+
+
+@dataclass(frozen=True)
+class Family:
+    """Layout of one model family: the dotted path to its block list and the projections of one block."""
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str
+    attention: tuple[str, ...]
+    mlp: tuple[str, ...]
+
+
+_LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_GATED_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2",
+                     "granite", "smollm3"), "model.layers", _LLAMA_ATTN, _GATED_MLP),
+    Family("opt", ("opt",), "model.decoder.layers",
+           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"), ("fc1", "fc2")),
+    Family("gpt2", ("gpt2",), "transformer.h", ("attn.c_attn", "attn.c_proj"), ("mlp.c_fc", "mlp.c_proj")),
+    Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers", ("attention.query_key_value", "attention.dense"),
+           ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
+)
+
+_GENERIC_BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
+                        "transformer.blocks", "transformer.layers", "model.transformer.h")
+_ATTENTION_WORDS = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "qkv")
+
+
+def is_prunable(module: nn.Module) -> bool:
+    """Linear layers (``nn.Linear`` and GPT-2's transposed ``Conv1D``) are what one-shot pruners prune."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight in ``nn.Linear`` layout (out x in); GPT-2's ``Conv1D`` stores its transpose."""
+    return module.weight.data.t() if isinstance(module, Conv1D) else module.weight.data
+
+
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write back a weight given in ``nn.Linear`` layout, keeping the module's dtype and device."""
+    w = weight.t() if isinstance(module, Conv1D) else weight
+    module.weight.data.copy_(w.to(module.weight.dtype))
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    node = root
+    for part in path.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+@dataclass
+class ModelLayout:
+    """The blocks of one model instance and, per block, its prunable projections by full module name."""
+
+    family: str
+    blocks_path: str
+    blocks: nn.ModuleList
+    projections: list[dict[str, nn.Module]]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def projection_names(self) -> list[str]:
+        """All prunable projections, in block order then module order."""
+        return [name for block in self.projections for name in block]
+
+    def block_of(self, name: str) -> int:
+        """Index of the block holding projection ``name``."""
+        for i, block in enumerate(self.projections):
+            if name in block:
+                return i
+        raise KeyError(name)
+
+    def kind_of(self, name: str) -> str:
+        """``attention`` or ``mlp``: the role of a projection inside its block."""
+        local = name[len(self.blocks_path) + 1:].split(".", 1)[1]
+        family = next((f for f in FAMILIES if f.name == self.family), None)
+        if family is not None:
+            return "attention" if local in family.attention else "mlp"
+        return "attention" if any(w in local for w in _ATTENTION_WORDS) else "mlp"
+
+    def numel(self, name: str) -> int:
+        """Number of weights of a projection (what sparsity budgets are weighted by)."""
+        return self.projections[self.block_of(name)][name].weight.numel()
+
+
+def layout(model: nn.Module) -> ModelLayout:
+    """Find the blocks and projections of ``model``; raises a clear error if the model cannot be walked."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = next((f for f in FAMILIES if model_type in f.model_types), None)
+    candidates = [family.blocks] if family else list(_GENERIC_BLOCK_PATHS)
+    for path in candidates:
+        blocks = _get(model, path)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            break
+    else:
+        raise ValueError(
+            f"cannot walk {type(model).__name__} (model_type={model_type!r}): no decoder block list found at "
+            f"{', '.join(candidates)}; add a Family for it in pruners/registry.py"
+        )
+    projections = []
+    for i, block in enumerate(blocks):
+        prefix = f"{path}.{i}"
+        if family:
+            names = family.attention + family.mlp
+            found = {f"{prefix}.{n}": _get(block, n) for n in names}
+            missing = [n for n, m in found.items() if m is None or not is_prunable(m)]
+            if missing:
+                raise ValueError(f"{type(model).__name__}: expected projections {missing} are missing or not linear")
+        else:
+            found = {f"{prefix}.{n}": m for n, m in block.named_modules() if n and is_prunable(m)}
+            if not found:
+                raise ValueError(f"cannot walk {type(model).__name__}: block {prefix} has no linear layers")
+        projections.append(found)
+    return ModelLayout(family.name if family else "generic", path, blocks, projections)

@@ -1,0 +1,262 @@
+"""The ``prunesearch`` command line: prune, eval (and search)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from prunesearch import __version__
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit status 2, nothing written."""
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="local folder or hub id of a causal LM (default: the built-in reference model)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--seqlen", type=int, help="tokens per sequence (default: 256 for the built-in model, "
+                                              "else 2048 capped by the model's context)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--data-dir", help="offline data laid out like ../shared/data (or env PRUNESEARCH_DATA_DIR)")
+
+
+def _add_calib_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="c4", help="calibration data: c4 | wikitext2 | ptb | PATH.txt | PATH.jsonl")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling (default: 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunesearch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"prunesearch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model one-shot to a uniform or per-layer target and save it",
+                       description="Prune a model one-shot and save a folder that from_pretrained loads.")
+    _add_model_options(p)
+    _add_calib_options(p)
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--sparsity", type=float, help="uniform sparsity in [0, 1)")
+    target.add_argument("--config", help="per-layer JSON config (schema in the README)")
+    p.add_argument("--pattern", help="unstructured | N:M such as 2:4 or 4:8 (default: unstructured)")
+    p.add_argument("--wbits", type=int, help="SparseGPT only: also quantize the kept weights to this many bits")
+    p.add_argument("--ppl", help="after pruning, report perplexity on these comma-separated datasets")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="perplexity, KL to a dense model and zero-shot tasks",
+                       description="Evaluate a (pruned) model.")
+    _add_model_options(p)
+    p.add_argument("--ppl", default="wikitext2", help="comma-separated datasets: wikitext2, ptb, c4, PATH "
+                                                      "(default: wikitext2; '' for none)")
+    p.add_argument("--kl-ref", help="dense reference model (folder, hub id or 'default') for KL on held-out tokens")
+    p.add_argument("--kl-samples", type=int, default=64, help="held-out sequences for the KL (default: 64)")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks (offline with --data-dir: piqa, arc_easy, "
+                                   "arc_challenge, winogrande, boolq, lambada_openai, hellaswag)")
+    p.add_argument("--limit", type=int, help="at most this many windows per PPL dataset / examples per task")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out KL sampling (default: 0)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _check_out(out: str, overwrite: bool) -> Path:
+    path = Path(out)
+    if path.exists() and not overwrite:
+        raise UsageError(f"--out {path} already exists; pass --overwrite to replace it")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} exists and is not a folder")
+    return path
+
+
+def _targets_config(args):
+    from pruners.targets import SparsityConfig
+
+    if args.config:
+        config = SparsityConfig.load(args.config)
+        if args.pattern and args.pattern != config.pattern:
+            raise UsageError(f"--pattern {args.pattern} contradicts the config's pattern {config.pattern}")
+        return config
+    if args.sparsity is None and not (args.pattern and ":" in args.pattern):
+        raise UsageError("give --sparsity P, --config FILE, or an N:M --pattern")
+    return SparsityConfig.uniform(args.sparsity, args.pattern or "unstructured")
+
+
+def _seqlen(model, args) -> int:
+    from prunesearch.models import default_seqlen
+
+    if args.seqlen is None and args.model is None:
+        from prunesearch.default_model import DEFAULT_SEQLEN
+
+        return DEFAULT_SEQLEN
+    return default_seqlen(model, args.seqlen)
+
+
+def _perplexities(model, tokenizer, names: list[str], seqlen: int, args) -> dict:
+    from prunesearch import data
+    from prunesearch.evaluate import perplexity
+
+    out = {}
+    for name in names:
+        ids = data.eval_ids(tokenizer, name, args.data_dir)
+        limit = args.limit if getattr(args, "limit", None) else (256 if name == "c4" else None)
+        out[name] = {"ppl": perplexity(model, ids, seqlen, args.batch_size, limit),
+                     "seqlen": seqlen, "windows": min(ids.numel() // seqlen, limit or ids.numel()),
+                     "source": data.describe(name, args.data_dir)}
+        _log(f"ppl {name}: {out[name]['ppl']:.3f}")
+    return out
+
+
+def cmd_prune(args) -> int:
+    from pruners.oneshot import global_sparsity, make_pruner, prune_model
+    from pruners.registry import layout
+    from prunesearch import data
+    from prunesearch.models import load_model, resolve_device
+
+    out = _check_out(args.out, args.overwrite)
+    config = _targets_config(args)
+    if args.wbits is not None and (args.method != "sparsegpt" or not 2 <= args.wbits <= 8):
+        raise UsageError("--wbits takes 2..8 and only works with --method sparsegpt")
+    if args.nsamples < 1:
+        raise UsageError("--nsamples must be at least 1")
+    device = resolve_device(args.device)
+    timings = {}
+    t = time.perf_counter()
+    model, tokenizer, source = load_model(args.model, "cpu", args.dtype, compute_device=device)
+    timings["load"] = time.perf_counter() - t
+    targets = config.resolve(layout(model))
+    seqlen = _seqlen(model, args)
+    pruner = make_pruner(args.method, wbits=args.wbits)
+    calib = None
+    t = time.perf_counter()
+    if pruner.stats is not None:
+        calib = data.calibration_ids(tokenizer, args.calib, args.nsamples, seqlen, args.seed, args.data_dir)
+    timings["calibration_data"] = time.perf_counter() - t
+    _log(f"pruning {source} with {args.method} on {device}")
+    result = prune_model(model, pruner, targets, calib, device=device, batch_size=args.batch_size)
+    timings["prune"] = result["prune_seconds"]
+    report = {
+        "method": args.method, "model": source, "config": config.to_dict(), "wbits": args.wbits,
+        "global_sparsity": global_sparsity(result["layers"]), "layers": result["layers"],
+        "protocol": {"calib": data.describe(args.calib, args.data_dir) if calib is not None else None,
+                     "nsamples": args.nsamples if calib is not None else 0, "seqlen": seqlen, "seed": args.seed,
+                     "device": device, "dtype": str(next(model.parameters()).dtype)},
+        "timings_s": timings,
+    }
+    if args.ppl:
+        model.to(device)
+        report["ppl"] = _perplexities(model, tokenizer, args.ppl.split(","), seqlen, args)
+        model.to("cpu")
+    t = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        timings["save"] = time.perf_counter() - t
+        (tmp / "prune_report.json").write_text(json.dumps(report, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    _print_sparsity(result["layers"])
+    print(f"global sparsity {report['global_sparsity']:.4f}; saved to {out}")
+    return 0
+
+
+def _print_sparsity(rows: list[dict]) -> None:
+    blocks: dict[int, list[dict]] = {}
+    for r in rows:
+        blocks.setdefault(r["block"], []).append(r)
+    print(f"{'block':>5} {'target':>8} {'actual':>8}")
+    for b, rs in blocks.items():
+        n = sum(r["shape"][0] * r["shape"][1] for r in rs)
+        actual = sum(r["actual_sparsity"] * r["shape"][0] * r["shape"][1] for r in rs) / n
+        target = sum((r["target_sparsity"] or 0) * r["shape"][0] * r["shape"][1] for r in rs) / n
+        print(f"{b:>5} {target:>8.4f} {actual:>8.4f}")
+
+
+def cmd_eval(args) -> int:
+    from prunesearch import data
+    from prunesearch.models import load_model, resolve_device
+
+    device = resolve_device(args.device)
+    model, tokenizer, source = load_model(args.model, device, args.dtype)
+    seqlen = _seqlen(model, args)
+    results: dict = {"model": source, "seqlen": seqlen}
+    names = [n for n in (args.ppl or "").split(",") if n]
+    if names:
+        results["ppl"] = _perplexities(model, tokenizer, names, seqlen, args)
+    if args.kl_ref:
+        results["kl"] = _kl(model, tokenizer, seqlen, device, args)
+    if args.tasks:
+        from prunesearch.zeroshot import evaluate_tasks
+
+        results["tasks"] = evaluate_tasks(model, tokenizer, args.tasks.split(","), args.data_dir, args.limit,
+                                          args.batch_size, device)
+    text = json.dumps(results, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
+def _kl(model, tokenizer, seqlen: int, device: str, args) -> dict:
+    from prunesearch import data
+    from prunesearch.cache import cache_dir
+    from prunesearch.evaluate import DenseReference, reference_key
+    from prunesearch.models import load_model
+
+    ids = data.heldout_ids(tokenizer, args.kl_samples, seqlen, args.seed, args.data_dir)
+    ref_model_arg = None if args.kl_ref == "default" else args.kl_ref
+    from prunesearch.models import model_source
+
+    ref_source = model_source(ref_model_arg)
+    path = cache_dir("references") / f"{reference_key(ref_source, ids, None)}.safetensors"
+    if path.exists():
+        ref = DenseReference.load(path)
+    else:
+        dense, _, _ = load_model(ref_source, device, args.dtype)
+        ref = DenseReference.compute(dense, ids, args.batch_size)
+        ref.save(path)
+        del dense
+    kl = ref.kl(model, args.batch_size)
+    _log(f"KL to {ref_source}: {kl:.5f}")
+    return {"kl": kl, "reference": ref_source, "tokens": int(ids.numel()), "seqlen": seqlen,
+            "heldout": data.describe("c4", args.data_dir), "seed": args.seed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("PRUNESEARCH_DEBUG"):
+            raise
+        print(f"prunesearch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunesearch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

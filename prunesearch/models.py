@@ -1,0 +1,84 @@
+"""Loading models the Hugging Face way: the built-in default, a local folder, or a hub id when online."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prunesearch.data import hub_reachable
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; an unavailable ``cuda`` is a clear error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str, config_dtype: torch.dtype | None) -> torch.dtype:
+    """``auto`` → the checkpoint's half precision on GPU, float32 on CPU."""
+    if dtype == "auto":
+        if device.startswith("cuda") and config_dtype in (torch.bfloat16, torch.float16):
+            return config_dtype
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def model_source(model: str | None) -> str:
+    """Where ``--model`` points: the default model's folder (built on first use), a local folder or a hub id."""
+    if model is None:
+        from prunesearch.default_model import ensure_default_model
+
+        return str(ensure_default_model())
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {path} has no config.json")
+        return str(path)
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith(("/", ".json"))
+    if looks_like_path:
+        raise FileNotFoundError(f"model path {model} does not exist")
+    if not hub_reachable():
+        raise FileNotFoundError(
+            f"model {model!r} is not a local folder and the Hugging Face hub is not reachable; give a local path"
+        )
+    return model
+
+
+def load_model(model: str | None, device: str = "cpu", dtype: str = "auto", compute_device: str | None = None):
+    """Load (model, tokenizer, source) in eval mode on ``device``.
+
+    ``dtype="auto"`` is resolved for ``compute_device`` (default ``device``): pruning keeps the model on CPU
+    while blocks visit the GPU, and should still run in the checkpoint's half precision there.
+    """
+    from transformers import AutoConfig
+
+    source = model_source(model)
+    config = AutoConfig.from_pretrained(source)
+    config_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(config_dtype, str):
+        config_dtype = DTYPES.get(config_dtype)
+    torch_dtype = resolve_dtype(dtype, compute_device or device, config_dtype)
+    net = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return net.to(device).eval(), tokenizer, source
+
+
+def default_seqlen(model, requested: int | None) -> int:
+    """The protocol sequence length: as requested, else 2048 capped by the model's own context."""
+    if requested is not None:
+        if requested < 2:
+            raise ValueError(f"--seqlen must be at least 2, got {requested}")
+        return requested
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    return min(2048, limit) if limit else 2048

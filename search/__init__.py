@@ -1,0 +1,1 @@
+"""Budget-constrained per-layer allocation search built on Optuna."""

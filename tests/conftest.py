@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny BPE tokenizer and tiny random models of every supported family, all built offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
+    "Pruning removes weights that matter least; search decides where to prune. "
+    "Sparse models keep accuracy when the right layers are spared. 0123456789 "
+) * 20
+VOCAB = 320
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a fixed sentence set (deterministic, no download)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([TINY_TEXT], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def tiny_config(family: str, vocab_size: int = VOCAB, layers: int = 2):
+    """Configs small enough for CPU tests yet with every structural feature of the family."""
+    common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0)
+    if family == "llama":  # GQA: 4 query heads share 2 key/value heads
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, **common)
+    if family == "qwen2":  # q/k/v biases
+        return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, **common)
+    if family == "opt":  # biases, ReLU, learned positions
+        return OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
+                         max_position_embeddings=128, word_embed_proj_dim=64, pad_token_id=1, **common)
+    if family == "gpt2":  # Conv1D, fused c_attn
+        return GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=128, **common)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "qwen2", "opt", "gpt2"]
+
+
+def tiny_model(family: str, seed: int = 0, layers: int = 2):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers=layers))
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
