@@ -69,6 +69,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out KL sampling (default: 0)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("search", help="search the per-layer allocation with the best accuracy inside a budget",
+                       description="Budget-constrained per-layer sparsity search (an Optuna study in --out).")
+    _add_model_options(p)
+    _add_calib_options(p)
+    p.add_argument("--budget", default="sparsity=0.7", help="sparsity=P (mean over prunable weights) or "
+                                                           "params=N (nonzero parameters, e.g. 4.5M)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (layers get k:M levels)")
+    p.add_argument("--granularity", default="block", choices=["block", "projection"])
+    p.add_argument("--pruner", default="wanda", choices=["wanda", "magnitude"])
+    p.add_argument("--fitness", default="kl", choices=["kl", "ppl"], help="KL to the dense model (default) or "
+                                                                         "perplexity, on held-out C4 tokens")
+    p.add_argument("--min-sparsity", type=float, help="lower bound per unit (default: budget - 0.2)")
+    p.add_argument("--max-sparsity", type=float, help="upper bound per unit (default: budget + 0.2)")
+    p.add_argument("--trials", type=int, help="stop after this many measured trials (default: 100)")
+    p.add_argument("--time-budget", help="stop after this long: 90s, 30m, 2h")
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "qmc", "nsga2", "evo"])
+    p.add_argument("--workers", type=int, default=1, help="local worker processes on one study")
+    p.add_argument("--storage", help="Optuna storage URL or journal file (default: a journal in --out)")
+    p.add_argument("--study", default="prunesearch", help="study name in the storage")
+    p.add_argument("--fitness-samples", type=int, default=64, help="held-out sequences per full evaluation")
+    p.add_argument("--low-fidelity-samples", type=int, default=16, help="sequences of the first, cheap rung")
+    p.add_argument("--report-ppl", default="wikitext2", help="datasets reported (never searched) for the best "
+                                                            "allocation and the seeds; '' for none")
+    p.add_argument("--report-limit", type=int, help="at most this many windows per report dataset")
+    p.add_argument("--out", required=True, help="run folder (re-running the same command resumes)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_search)
     return parser
 
 
@@ -244,8 +272,63 @@ def _kl(model, tokenizer, seqlen: int, device: str, args) -> dict:
             "heldout": data.describe("c4", args.data_dir), "seed": args.seed}
 
 
+def parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``2h`` or plain seconds → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise UsageError(f"--time-budget must look like 90s, 30m or 2h, got {text!r}") from None
+    if value <= 0:
+        raise UsageError("--time-budget must be positive")
+    return value
+
+
+def cmd_search(args) -> int:
+    from prunesearch.models import resolve_device
+    from search.engine import SearchSettings, run_search
+
+    if args.trials is not None and args.trials < 1:
+        raise UsageError("--trials must be at least 1")
+    settings = SearchSettings(
+        model=args.model, budget=args.budget, pattern=args.pattern, granularity=args.granularity,
+        pruner=args.pruner, fitness=args.fitness, sampler=args.sampler, min_sparsity=args.min_sparsity,
+        max_sparsity=args.max_sparsity, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+        seed=args.seed, fitness_samples=args.fitness_samples, low_fidelity_samples=args.low_fidelity_samples,
+        data_dir=args.data_dir,
+    )
+    time_budget = parse_duration(args.time_budget) if args.time_budget else None
+    out = Path(args.out)
+    summary = run_search(settings, out, args.trials, time_budget, args.workers, args.storage, args.study,
+                         resolve_device(args.device), args.batch_size,
+                         tuple(d for d in args.report_ppl.split(",") if d), args.report_limit, not args.quiet)
+    _print_summary(summary, out)
+    return 130 if summary.get("interrupted") else 0
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    if summary["best"] is None:
+        print(f"no trial completed; everything so far is kept in {out}")
+        return
+    kind = summary["fitness_kind"]
+    ppl = summary.get("report_ppl", {})
+    datasets = next(iter(ppl.values()), {}).keys() if ppl else []
+    print(f"\n{'allocation':<14} {kind + ' (search data)':>20} " + " ".join(f"{d + ' ppl':>16}" for d in datasets))
+    rows = [("best", summary["best"]["fitness"])] + [(k, v["fitness"]) for k, v in summary["seeds"].items()]
+    for label, fit in rows:
+        print(f"{label:<14} {fit:>20.5f} " + " ".join(f"{ppl[label][d]:>16.3f}" for d in datasets))
+    alloc = ", ".join(f"{k}: {v:.3f}" for k, v in summary["best"]["allocation"].items())
+    print(f"best ({summary['best']['label']}, trial {summary['best']['trial']}): {alloc}")
+    print(f"{summary['trials']} trials ({summary['pruned']} stopped early at low fidelity), "
+          f"median trial {summary['median_trial_s']:.2f}s; results in {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     try:
         return args.func(args)
     except (UsageError, ValueError, FileNotFoundError) as e:

@@ -93,17 +93,21 @@ class DenseReference:
         return (logp.exp() * (logp - logq_k)).sum(-1)
 
     @torch.no_grad()
-    def kl(self, model: nn.Module, batch_size: int = 8, limit: int | None = None) -> float:
-        """Mean over tokens of KL(P_dense ‖ P_model) on the first ``limit`` sequences (all by default)."""
+    def kl_sum(self, model: nn.Module, start: int, stop: int, batch_size: int = 8) -> tuple[float, int]:
+        """Sum of per-token KL(P_dense ‖ P_model) over reference sequences [start, stop), and the token count."""
         device = next(model.parameters()).device
-        n = self.ids.shape[0] if limit is None else min(limit, self.ids.shape[0])
         total, count = 0.0, 0
-        for start in range(0, n, batch_size):
-            rows = slice(start, min(start + batch_size, n))
-            logits = model(input_ids=self.ids[rows].to(device), use_cache=False).logits
-            terms = self.kl_terms(logits, rows)
+        for lo in range(start, stop, batch_size):
+            rows = slice(lo, min(lo + batch_size, stop))
+            terms = self.kl_terms(model(input_ids=self.ids[rows].to(device), use_cache=False).logits, rows)
             total += terms.double().sum().item()
             count += terms.numel()
+        return total, count
+
+    def kl(self, model: nn.Module, batch_size: int = 8, limit: int | None = None) -> float:
+        """Mean over tokens of KL(P_dense ‖ P_model) on the first ``limit`` sequences (all by default)."""
+        n = self.ids.shape[0] if limit is None else min(limit, self.ids.shape[0])
+        total, count = self.kl_sum(model, 0, n, batch_size)
         return total / count
 
 

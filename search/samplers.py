@@ -1,0 +1,70 @@
+"""Optuna samplers for allocation search, including a budget-neutral evolutionary one."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from search.space import Space
+
+
+def param_name(unit: str) -> str:
+    """The Optuna parameter that holds a unit's sampled sparsity."""
+    return f"x[{unit}]"
+
+
+class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
+    """(1+λ) evolution whose mutations keep the budget: EvoPress's level switch made continuous.
+
+    Each child starts from the best completed allocation and applies 1-3 moves; a move raises one unit's
+    sparsity by ``step`` and lowers another's by ``step·size_a/size_b``, so the number of pruned weights
+    is unchanged and the child meets the budget exactly without projection.
+    """
+
+    def __init__(self, space: Space, step: float = 0.02, max_moves: int = 3, seed: int | None = None):
+        self.space, self.step, self.max_moves = space, step, max_moves
+        self.rng = np.random.default_rng(seed)
+        self.fallback = optuna.samplers.RandomSampler(seed=seed)
+
+    def reseed_rng(self) -> None:
+        self.rng = np.random.default_rng()
+        self.fallback.reseed_rng()
+
+    def infer_relative_search_space(self, study, trial):
+        return {param_name(u): FloatDistribution(self.space.low, self.space.high) for u in self.space.units}
+
+    def sample_relative(self, study, trial, search_space):
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if "allocation" in t.user_attrs]
+        if not done:
+            return {}
+        best = min(done, key=lambda t: t.value)
+        child = np.asarray(best.user_attrs["allocation"], dtype=np.float64)
+        sizes, lo, hi = self.space.sizes, self.space.low, self.space.high
+        for _ in range(self.rng.integers(1, self.max_moves + 1)):
+            for _attempt in range(20):
+                a, b = self.rng.choice(self.space.dim, size=2, replace=False)
+                da, db = self.step, self.step * sizes[a] / sizes[b]
+                if child[a] + da <= hi and child[b] - db >= lo:
+                    child[a] += da
+                    child[b] -= db
+                    break
+        return {param_name(u): float(v) for u, v in zip(self.space.units, child)}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.fallback.sample_independent(study, trial, param_name, param_distribution)
+
+
+def make_sampler(name: str, space: Space, seed: int) -> optuna.samplers.BaseSampler:
+    """``tpe`` (multivariate), ``qmc`` (scrambled Sobol), ``nsga2``, ``evo`` (budget-neutral evolution)."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=10)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
+    if name == "evo":
+        return BudgetNeutralEvolution(space, seed=seed)
+    raise ValueError(f"unknown sampler {name!r}; choose tpe, qmc, nsga2 or evo")

@@ -1,0 +1,108 @@
+"""Scores computed once, candidates realized in milliseconds.
+
+For a score-based pruner (magnitude, Wanda) the mask at any sparsity is a threshold on a fixed ranking, so the
+search ranks every weight once (on the dense model's calibration inputs, as EvoPress's database uses dense
+upstream inputs) and a candidate becomes ``W_dense · (rank ≥ k)`` per projection plus one forward pass. The
+same walk records OWL's per-block outlier ratios from the Wanda statistics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pruners.masks import Target
+from pruners.oneshot import make_pruner
+from pruners.registry import ModelLayout, get_weight, set_weight
+from pruners.walker import collect_stats, run_block, walk
+
+
+def _ranks(score: torch.Tensor, per_row: bool, m: int) -> torch.Tensor:
+    """Position of every weight in ascending score order: within its row, its matrix, or its N:M group."""
+    if m:
+        groups = score.reshape(score.shape[0], -1, m)
+        order = torch.argsort(groups, dim=2, stable=True)
+        return torch.argsort(order, dim=2).reshape(score.shape).to(torch.int32)
+    flat = score if per_row else score.reshape(1, -1)
+    order = torch.argsort(flat, dim=1, stable=True)
+    ranks = torch.empty_like(order, dtype=torch.int32)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1], dtype=torch.int32).expand_as(order).contiguous())
+    return ranks.reshape(score.shape)
+
+
+class ScoreCache:
+    """Per-projection weight ranks under one pruner and pattern, plus OWL outlier ratios per block."""
+
+    def __init__(self, ranks: dict[str, torch.Tensor], per_row: bool, m: int, outlier_ratio: list[float]):
+        self.ranks, self.per_row, self.m, self.outlier_ratio = ranks, per_row, m, outlier_ratio
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: nn.Module, lay: ModelLayout, method: str, m: int, calib_ids: torch.Tensor,
+              device: str = "cpu", batch_size: int = 8, owl_m: float = 5.0) -> ScoreCache:
+        """Walk the dense model once: Wanda statistics per projection → scores, ranks and outlier ratios."""
+        pruner, wanda = make_pruner(method), make_pruner("wanda")
+        ranks: dict[str, torch.Tensor] = {}
+        outliers: list[float] = []
+
+        def visit(i: int, block: nn.Module, batches) -> None:
+            with collect_stats(lay.projections[i], full=False) as stats:
+                run_block(block, batches)
+            metrics = []
+            for name, module in lay.projections[i].items():
+                w = get_weight(module).float()
+                metric = wanda.score(w, stats[name])
+                metrics.append(metric.flatten())
+                ranks[name] = _ranks(pruner.score(w, stats[name]), pruner.name != "magnitude", m).cpu()
+            metric = torch.cat(metrics)
+            outliers.append(100.0 * (metric > owl_m * metric.mean()).float().mean().item())
+
+        walk(model, calib_ids, visit, device=device, batch_size=batch_size)
+        return cls(ranks, pruner.name != "magnitude", m, outliers)
+
+    def save(self, path) -> None:
+        tensors = dict(self.ranks)
+        tensors["__outlier_ratio__"] = torch.tensor(self.outlier_ratio, dtype=torch.float64)
+        save_file(tensors, str(path), metadata={"per_row": str(self.per_row), "m": str(self.m)})
+
+    @classmethod
+    def load(cls, path) -> ScoreCache:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+        outliers = tensors.pop("__outlier_ratio__").tolist()
+        return cls(tensors, meta["per_row"] == "True", int(meta["m"]), outliers)
+
+    def pruned_count(self, name: str, sparsity: float) -> int:
+        """How many lowest ranks are pruned at ``sparsity`` (per row, per matrix or per group)."""
+        r = self.ranks[name]
+        if self.m:
+            return Target(sparsity, self.m).n
+        return math.floor((r.shape[1] if self.per_row else r.numel()) * sparsity)
+
+    def mask(self, name: str, sparsity: float) -> torch.Tensor:
+        """True where a weight is pruned at ``sparsity``: exactly what the one-shot pruner would select."""
+        return self.ranks[name] < self.pruned_count(name, sparsity)
+
+
+class Realizer:
+    """Writes allocations into a model in place, keeping one copy of the dense weights."""
+
+    def __init__(self, lay: ModelLayout, cache: ScoreCache):
+        self.lay, self.cache = lay, cache
+        self.modules = {n: lay.projections[lay.block_of(n)][n] for n in lay.projection_names()}
+        self.dense = {n: get_weight(m).clone() for n, m in self.modules.items()}
+        device = next(iter(self.modules.values())).weight.device
+        self.cache.ranks = {n: r.to(device) for n, r in cache.ranks.items()}
+
+    def apply(self, targets: dict[str, float]) -> None:
+        """Set every projection to its dense weight with the masked-out weights zeroed."""
+        for name, module in self.modules.items():
+            w = self.dense[name]
+            s = targets.get(name, 0.0)
+            set_weight(module, w.masked_fill(self.cache.mask(name, s), 0) if s > 0 else w)

@@ -1,0 +1,42 @@
+"""Heuristic allocations a user would otherwise pick; the search measures them first and must beat them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from search.space import Space
+
+
+def uniform(space: Space) -> np.ndarray:
+    """Every unit at the budget sparsity."""
+    return space.project(np.full(space.dim, space.target))
+
+
+def owl(space: Space, outlier_ratio: list[float], lam: float = 0.08) -> np.ndarray:
+    """OWL (Yin et al., 2024): blocks with more outliers (Wanda scores > M·mean, in %) are pruned less.
+
+    Ratios are rescaled to [0, 2λ] and centred, so block sparsity lies in [p − λ, p + λ]; then projected onto
+    the exact budget and bounds (a no-op for equal-size blocks inside the bounds).
+    """
+    d = np.asarray(outlier_ratio, dtype=np.float64)
+    spread = d.max() - d.min()
+    scaled = (d - d.min()) / spread * 2 * lam if spread > 0 else np.zeros_like(d)
+    keep = scaled - scaled.mean() + (1.0 - space.target)
+    per_block = 1.0 - keep
+    return space.project(per_block[list(space.blocks)])
+
+
+def atp(space: Space, spread: float) -> np.ndarray:
+    """ATP-style arithmetic progression: sparsity rising linearly with depth, ``spread`` from first to last block."""
+    nblocks = max(space.blocks) + 1
+    depth = np.asarray(space.blocks, dtype=np.float64) / max(nblocks - 1, 1)
+    return space.project(space.target + spread * (depth - 0.5))
+
+
+def heuristic_seeds(space: Space, outlier_ratio: list[float], spreads: tuple[float, ...] = (0.05, 0.1, 0.2)
+                    ) -> dict[str, np.ndarray]:
+    """The labelled seeds every search starts from: uniform, OWL (M=5, λ=0.08) and ATP at a few slopes."""
+    seeds = {"uniform": uniform(space), "owl": owl(space, outlier_ratio)}
+    for s in spreads:
+        seeds[f"atp-{s:g}"] = atp(space, s)
+    return seeds

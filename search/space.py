@@ -1,0 +1,131 @@
+"""Search spaces of per-layer sparsity allocations, and the budget every candidate must meet exactly.
+
+A *unit* is what gets one sparsity: a decoder block (named by its index, default) or a single projection (by
+its module name), so unit names are exactly the keys of the per-layer config schema. An allocation is one
+sparsity per unit; its budget is the parameter-weighted mean sparsity over all prunable weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pruners.registry import ModelLayout
+
+
+@dataclass(frozen=True)
+class Space:
+    """The units of an allocation, their weight counts, bounds and the target mean sparsity."""
+
+    units: tuple[str, ...]
+    sizes: np.ndarray  # weights per unit
+    target: float
+    low: float
+    high: float
+    members: tuple[tuple[str, ...], ...]  # the projections each unit stands for
+    blocks: tuple[int, ...]  # the block each unit lies in
+
+    def __post_init__(self):
+        if not 0.0 <= self.low <= self.high < 1.0:
+            raise ValueError(f"bounds must satisfy 0 <= min <= max < 1, got [{self.low}, {self.high}]")
+        if not self.low <= self.target <= self.high:
+            raise ValueError(
+                f"budget sparsity {self.target:.4f} is infeasible inside the bounds [{self.low}, {self.high}]"
+            )
+
+    @property
+    def dim(self) -> int:
+        return len(self.units)
+
+    def mean(self, alloc: np.ndarray) -> float:
+        """Parameter-weighted mean sparsity of an allocation."""
+        return float(np.dot(self.sizes, alloc) / self.sizes.sum())
+
+    def project(self, x: np.ndarray, tol: float = 1e-12) -> np.ndarray:
+        """The allocation clip(x + τ, low, high) whose weighted mean is exactly the target.
+
+        τ is found by bisection (the mean is monotone in τ); a final correction on the units strictly inside
+        the bounds removes the remaining rounding error, so the budget holds to float precision.
+        """
+        x = np.clip(np.asarray(x, dtype=np.float64), self.low, self.high)
+        lo, hi = self.low - x.max() - 1.0, self.high - x.min() + 1.0
+        for _ in range(200):
+            tau = 0.5 * (lo + hi)
+            if self.mean(np.clip(x + tau, self.low, self.high)) < self.target:
+                lo = tau
+            else:
+                hi = tau
+            if hi - lo < tol:
+                break
+        s = np.clip(x + 0.5 * (lo + hi), self.low, self.high)
+        free = (s > self.low) & (s < self.high)
+        if free.any():
+            s[free] += (self.target - self.mean(s)) * self.sizes.sum() / self.sizes[free].sum()
+            s = np.clip(s, self.low, self.high)
+        return s
+
+    def snap(self, alloc: np.ndarray, m: int) -> np.ndarray:
+        """Round an on-budget allocation to multiples of 1/m (N:M levels), keeping the pruned-weight count as
+        close to the budget as the grid allows (exact for equal-size units when target·m·units is whole)."""
+        scaled = alloc * m
+        base = np.floor(scaled + 1e-9)
+        need = self.target * self.sizes.sum() * m - np.dot(self.sizes, base)
+        for i in np.argsort(-(scaled - base), kind="stable"):
+            if need < self.sizes[i] / 2 or base[i] + 1 > self.high * m + 1e-9:
+                continue
+            base[i] += 1
+            need -= self.sizes[i]
+        return base / m
+
+    def to_targets(self, alloc: np.ndarray) -> dict[str, float]:
+        """Per-projection sparsities for an allocation (every member of a unit gets the unit's value)."""
+        return {name: float(v) for unit, v in zip(self.members, alloc) for name in unit}
+
+    def to_config(self, alloc: np.ndarray, pattern: str = "unstructured", meta: dict | None = None) -> dict:
+        """The allocation in the JSON schema ``prunesearch prune --config`` reads."""
+        out = {"sparsity": {u: float(v) for u, v in zip(self.units, alloc)}, "pattern": pattern}
+        if meta:
+            out["meta"] = meta
+        return out
+
+
+def make_space(lay: ModelLayout, target: float, low: float, high: float, granularity: str = "block") -> Space:
+    """Units per block (``block``) or per projection (``projection``) of a model layout."""
+    if granularity == "block":
+        units = tuple(str(i) for i in range(lay.num_blocks))
+        members = tuple(tuple(block) for block in lay.projections)
+    elif granularity == "projection":
+        units = tuple(lay.projection_names())
+        members = tuple((u,) for u in units)
+    else:
+        raise ValueError(f"granularity must be 'block' or 'projection', got {granularity!r}")
+    sizes = np.array([sum(lay.numel(n) for n in m) for m in members], dtype=np.float64)
+    blocks = tuple(lay.block_of(m[0]) for m in members)
+    return Space(units, sizes, target, low, high, members, blocks)
+
+
+def parse_budget(text: str, lay: ModelLayout, total_params: int) -> tuple[str, float, float]:
+    """``sparsity=0.7`` or ``params=N`` (nonzero parameters of the whole model; suffixes K, M, B) → the mean
+    sparsity over prunable weights that meets it. Returns (kind, value, target sparsity)."""
+    kind, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"budget must look like sparsity=0.7 or params=5M, got {text!r}")
+    prunable = sum(lay.numel(n) for n in lay.projection_names())
+    if kind == "sparsity":
+        target = float(value)
+        if not 0.0 <= target < 1.0:
+            raise ValueError(f"budget sparsity must be in [0, 1), got {target}")
+        return kind, target, target
+    if kind == "params":
+        scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(value[-1:].upper(), 1.0)
+        count = float(value[:-1] if scale != 1.0 else value) * scale
+        fixed = total_params - prunable
+        target = 1.0 - (count - fixed) / prunable
+        if not 0.0 <= target < 1.0:
+            raise ValueError(
+                f"budget params={value} is infeasible: the model has {total_params:,} parameters of which "
+                f"{fixed:,} are not prunable"
+            )
+        return kind, count, target
+    raise ValueError(f"unknown budget kind {kind!r}; this version supports sparsity=… and params=…")

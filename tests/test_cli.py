@@ -1,0 +1,114 @@
+"""End to end through the command line: every family prunes, saves and loads back; bad input is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import TINY_TEXT, tiny_model
+from prunesearch.cli import main
+from pruners.registry import get_weight, layout
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_tokenizer, family):
+    path = tmp_path / f"tiny-{family}"
+    tiny_model(family).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(TINY_TEXT * 3)
+    return path
+
+
+@pytest.mark.parametrize("method,pattern", [("magnitude", "unstructured"), ("wanda", "2:4"),
+                                            ("sparsegpt", "unstructured"), ("sparsegpt", "4:8")])
+def test_every_family_prunes_saves_and_reloads_with_exact_sparsity(model_dir, calib_file, tmp_path, method,
+                                                                    pattern, capsys):
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", str(model_dir), "--method", method, "--calib", str(calib_file),
+            "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--out", str(out)]
+    argv += ["--sparsity", "0.5"] if pattern == "unstructured" else ["--pattern", pattern]
+    assert main(argv) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    lay = layout(model)
+    assert len(report["layers"]) == len(lay.projection_names())
+    for row in report["layers"]:
+        w = get_weight(lay.projections[row["block"]][row["name"]])
+        zeros = (w == 0).sum().item()
+        if pattern == "unstructured":
+            assert zeros == w.numel() // 2, row["name"]  # every tiny layer has an even row length
+        else:
+            m = int(pattern.split(":")[1])
+            assert ((w == 0).view(w.shape[0], -1, m).sum(-1) == m // 2).all(), row["name"]
+        assert row["actual_sparsity"] == pytest.approx(zeros / w.numel())
+        assert row["target_sparsity"] == 0.5
+    assert report["protocol"]["seqlen"] == 32
+    assert report["protocol"]["nsamples"] == (0 if method == "magnitude" else 4)
+    assert torch.isfinite(model(torch.randint(0, 320, (1, 16))).logits).all()
+
+
+def test_per_layer_config_from_json(tmp_path, tiny_tokenizer, calib_file):
+    path = tmp_path / "tiny"
+    tiny_model("llama", layers=3).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    config = tmp_path / "layers.json"
+    config.write_text(json.dumps({"sparsity": {"0": 0.25, "model.layers.2.mlp.down_proj": 0.75}, "default": 0.5}))
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(path), "--method", "wanda", "--config", str(config), "--calib",
+                 str(calib_file), "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--out", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "prune_report.json").read_text())["layers"]}
+    assert rows["model.layers.0.self_attn.q_proj"]["actual_sparsity"] == 0.25
+    assert rows["model.layers.1.mlp.up_proj"]["actual_sparsity"] == 0.5
+    assert rows["model.layers.2.mlp.down_proj"]["actual_sparsity"] == 0.75
+    assert rows["model.layers.2.mlp.up_proj"]["actual_sparsity"] == 0.5
+
+
+def _refused(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prunesearch: error:")
+    return err[0]
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_bad_input_is_one_clear_line_and_writes_nothing(model_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "never"
+    base = ["prune", "--method", "wanda", "--calib", str(calib_file), "--nsamples", "2", "--seqlen", "32",
+            "--device", "cpu", "--out", str(out)]
+    assert "does not exist" in _refused(base + ["--model", str(tmp_path / "missing"), "--sparsity", "0.5"], capsys)
+    assert "[0, 1)" in _refused(base + ["--model", str(model_dir), "--sparsity", "1.2"], capsys)
+    assert "0 < N < M" in _refused(base + ["--model", str(model_dir), "--pattern", "4:2"], capsys)
+    bad_data = ["prune", "--method", "wanda", "--calib", "nosuchset", "--nsamples", "2", "--seqlen", "32",
+                "--device", "cpu", "--out", str(out), "--model", str(model_dir), "--sparsity", "0.5"]
+    assert "nosuchset" in _refused(bad_data, capsys)
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"sparsity": {"9": 0.5}}))
+    assert "does not have" in _refused(base + ["--model", str(model_dir), "--config", str(config)], capsys)
+    assert not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert "already exists" in _refused(base + ["--model", str(model_dir), "--sparsity", "0.5"], capsys)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("family", ["gpt2"])
+def test_eval_reports_perplexity_and_kl(model_dir, calib_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--sparsity", "0.6",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--ppl", str(calib_file), "--seqlen", "32", "--device", "cpu",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["ppl"][str(calib_file)]["seqlen"] == 32
+    assert 1.0 < result["ppl"][str(calib_file)]["ppl"] < 1e4

@@ -1,0 +1,112 @@
+"""Budget projection, N:M snapping, heuristic seeds and the budget-neutral evolution: exact budgets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import tiny_model
+from pruners.registry import layout
+from search.seeds import atp, heuristic_seeds, owl, uniform
+from search.space import Space, make_space, parse_budget
+
+
+def _space(sizes, target, low, high) -> Space:
+    n = len(sizes)
+    return Space(tuple(str(i) for i in range(n)), np.asarray(sizes, dtype=np.float64), target, low, high,
+                 tuple((str(i),) for i in range(n)), tuple(range(n)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), n=st.integers(1, 40))
+def test_projection_meets_the_budget_exactly_inside_the_bounds(data, n):
+    sizes = data.draw(st.lists(st.integers(1, 10**7), min_size=n, max_size=n))
+    low = data.draw(st.floats(0.0, 0.6))
+    high = data.draw(st.floats(low, 0.99))
+    target = data.draw(st.floats(low, high))
+    x = np.array(data.draw(st.lists(st.floats(-1.0, 2.0), min_size=n, max_size=n)))
+    space = _space(sizes, target, low, high)
+    s = space.project(x)
+    assert np.all(s >= low) and np.all(s <= high)
+    assert abs(space.mean(s) - target) < 1e-9
+    s2 = space.project(s)
+    np.testing.assert_allclose(s2, s, atol=1e-9)  # an allocation on the budget is a fixed point
+
+
+def test_projection_preserves_order_and_rejects_infeasible_budgets():
+    space = _space([10, 10, 10, 10], 0.5, 0.3, 0.8)
+    s = space.project(np.array([0.1, 0.4, 0.6, 0.9]))
+    assert list(np.argsort(s)) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="infeasible"):
+        _space([1, 1], 0.9, 0.0, 0.8)
+
+
+def test_snap_to_nm_levels_keeps_the_budget_for_equal_blocks():
+    space = _space([100] * 6, 0.5, 0.25, 0.75)
+    snapped = space.snap(space.project(np.array([0.3, 0.7, 0.45, 0.55, 0.5, 0.5])), 4)
+    assert np.allclose(snapped * 4, np.round(snapped * 4))
+    assert space.mean(snapped) == pytest.approx(0.5)
+
+
+def test_seeds_are_labelled_on_budget_and_shaped_as_the_heuristics_say():
+    lay = layout(tiny_model("llama", layers=6))
+    space = make_space(lay, 0.7, 0.5, 0.9)
+    ratios = [1.0, 5.0, 2.0, 2.0, 3.0, 1.0]
+    seeds = heuristic_seeds(space, ratios)
+    assert set(seeds) == {"uniform", "owl", "atp-0.05", "atp-0.1", "atp-0.2"}
+    for alloc in seeds.values():
+        assert space.mean(alloc) == pytest.approx(0.7, abs=1e-9)
+    np.testing.assert_allclose(uniform(space), 0.7)
+    o = owl(space, ratios)
+    assert o.max() - o.min() == pytest.approx(0.16)  # rescaled to [0, 2λ]
+    assert np.argmin(o) == 1 and o[0] == o.max()  # most outliers → least pruned
+    a = atp(space, 0.2)
+    assert np.all(np.diff(a) > 0) and a[-1] - a[0] == pytest.approx(0.2)
+
+
+def test_projection_granularity_gives_each_projection_its_block_seed():
+    lay = layout(tiny_model("llama", layers=3))
+    space = make_space(lay, 0.6, 0.3, 0.9, granularity="projection")
+    assert space.dim == 21 and space.units[0] == "model.layers.0.self_attn.q_proj"
+    s = atp(space, 0.2)
+    assert space.mean(s) == pytest.approx(0.6, abs=1e-9)
+    assert len({round(v, 9) for v in s[:7]}) == 1  # one value per block before projection onto bounds
+
+
+def test_budget_parsing():
+    model = tiny_model("llama")
+    lay = layout(model)
+    total = sum(p.numel() for p in model.parameters())
+    prunable = sum(lay.numel(n) for n in lay.projection_names())
+    assert parse_budget("sparsity=0.7", lay, total)[2] == 0.7
+    kind, count, target = parse_budget(f"params={total - prunable // 2}", lay, total)
+    assert kind == "params" and target == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="unknown budget kind"):
+        parse_budget("flops=1e9", lay, total)
+    with pytest.raises(ValueError, match="infeasible"):
+        parse_budget("params=10", lay, total)
+
+
+def test_evolution_moves_are_budget_neutral():
+    import optuna
+
+    from search.samplers import BudgetNeutralEvolution, param_name
+
+    space = _space([3, 5, 7, 11], 0.6, 0.3, 0.9)
+    sampler = BudgetNeutralEvolution(space, seed=0)
+    study = optuna.create_study(sampler=sampler)
+
+    def objective(trial):
+        x = np.array([trial.suggest_float(param_name(u), 0.3, 0.9) for u in space.units])
+        if trial.number == 0:
+            x = uniform(space)
+        trial.set_user_attr("allocation", x.tolist())
+        assert space.mean(x) == pytest.approx(0.6, abs=1e-9)
+        return float(np.sum((x - np.array([0.4, 0.5, 0.7, 0.65])) ** 2))
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=60)
+    assert study.trials[0].value == pytest.approx(0.0625)
+    assert study.best_value < 0.005  # evolution improves on the uniform start while every child stays on budget
