@@ -89,11 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="local worker processes on one study")
     p.add_argument("--storage", help="Optuna storage URL or journal file (default: a journal in --out)")
     p.add_argument("--study", default="prunesearch", help="study name in the storage")
-    p.add_argument("--fitness-samples", type=int, default=64, help="held-out sequences per full evaluation")
-    p.add_argument("--low-fidelity-samples", type=int, default=16, help="sequences of the first, cheap rung")
+    p.add_argument("--fitness-samples", type=int, default=32, help="held-out sequences per full evaluation")
+    p.add_argument("--low-fidelity-samples", type=int, default=8, help="sequences of the first, cheap rung")
     p.add_argument("--report-ppl", default="wikitext2", help="datasets reported (never searched) for the best "
                                                             "allocation and the seeds; '' for none")
-    p.add_argument("--report-limit", type=int, help="at most this many windows per report dataset")
+    p.add_argument("--report-limit", type=int, default=256,
+                   help="at most this many windows per report dataset (default: 256; 0 for all)")
     p.add_argument("--out", required=True, help="run folder (re-running the same command resumes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_search)
@@ -301,7 +302,7 @@ def cmd_search(args) -> int:
     out = Path(args.out)
     summary = run_search(settings, out, args.trials, time_budget, args.workers, args.storage, args.study,
                          resolve_device(args.device), args.batch_size,
-                         tuple(d for d in args.report_ppl.split(",") if d), args.report_limit, not args.quiet)
+                         tuple(d for d in args.report_ppl.split(",") if d), args.report_limit or None, not args.quiet)
     _print_summary(summary, out)
     return 130 if summary.get("interrupted") else 0
 

@@ -51,6 +51,8 @@ class DenseReference:
 
     def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, indices: torch.Tensor | None = None):
         self.ids, self.logprobs, self.indices = ids, logprobs, indices
+        self.probs = logprobs.exp()
+        self.neg_entropy = (self.probs * logprobs).nan_to_num().sum(-1)
 
     @classmethod
     @torch.no_grad()
@@ -82,11 +84,17 @@ class DenseReference:
         return cls(t["ids"], t["logprobs"], t.get("indices"))
 
     def kl_terms(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        """Per-token KL(P_dense ‖ P_model) for the reference rows ``rows`` given the model's logits on them."""
-        logq = F.log_softmax(logits.float(), dim=-1)
-        logp = self.logprobs[rows].to(logq.device)
+        """Per-token KL(P_dense ‖ P_model) for the reference rows ``rows`` given the model's logits on them.
+
+        Full vocabulary: KL = Σp·log p − Σp·z + logsumexp(z), with Σp·log p precomputed, so a trial costs one
+        logsumexp and one dot product over the vocabulary on top of its forward pass.
+        """
+        z = logits.float()
         if self.indices is None:
-            return (logp.exp() * (logp - logq)).sum(-1)
+            p = self.probs[rows].to(z.device)
+            return self.neg_entropy[rows].to(z.device) - (p * z).sum(-1) + torch.logsumexp(z, dim=-1)
+        logq = F.log_softmax(z, dim=-1)
+        logp = self.logprobs[rows].to(logq.device)
         q_top = logq.gather(-1, self.indices[rows].to(logq.device))
         q_rest = torch.log1p(-q_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-7))
         logq_k = torch.cat([q_top, q_rest], -1)

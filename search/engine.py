@@ -51,8 +51,8 @@ class SearchSettings:
     nsamples: int = 128
     seqlen: int | None = None
     seed: int = 0
-    fitness_samples: int = 64
-    low_fidelity_samples: int = 16
+    fitness_samples: int = 32
+    low_fidelity_samples: int = 8
     prune_percentile: float = 50.0
     data_dir: str | None = None
 

@@ -1,0 +1,114 @@
+"""One-shot pruning on the built-in default model: perplexity, pruning cost and evaluation throughput.
+
+For each method and target: WikiText-2 test perplexity (full test stream, the reference protocol at the model's
+seqlen) and pruning wall time divided by one plain forward pass over the same calibration tokens, all measured
+side by side in one run. Writes results/benchmarks/oneshot.{json,md}.
+
+    python benchmarks/oneshot.py [--model DIR] [--device cpu|cuda] [--nsamples 128] [--out results/benchmarks]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from prunesearch import data
+from prunesearch.default_model import DEFAULT_SEQLEN
+from prunesearch.evaluate import perplexity, windows
+from prunesearch.models import load_model
+from pruners.oneshot import global_sparsity, make_pruner, prune_model
+from pruners.registry import layout
+from pruners.targets import SparsityConfig
+
+TARGETS = [("50%", 0.5, "unstructured"), ("70%", 0.7, "unstructured"), ("2:4", None, "2:4"), ("4:8", None, "4:8")]
+METHODS = ["magnitude", "wanda", "sparsegpt"]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def forward_seconds(model, ids: torch.Tensor, batch_size: int, device: str, repeats: int = 3) -> float:
+    """Best-of-``repeats`` wall time of one plain forward pass over ``ids``."""
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        for start in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--data-dir")
+    ap.add_argument("--out", default="results/benchmarks")
+    args = ap.parse_args()
+
+    model, tok, source = load_model(args.model, args.device, "float32")
+    seqlen = DEFAULT_SEQLEN if args.model is None else min(2048, model.config.max_position_embeddings)
+    calib = data.calibration_ids(tok, "c4", args.nsamples, seqlen, 0, args.data_dir)
+    test = data.eval_ids(tok, "wikitext2", args.data_dir)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    fwd = forward_seconds(model, calib, args.batch_size, args.device)
+    n_eval = windows(test, seqlen).numel()
+    _sync(args.device)
+    t = time.perf_counter()
+    dense_ppl = perplexity(model, test, seqlen, args.batch_size)
+    _sync(args.device)
+    eval_tps = n_eval / (time.perf_counter() - t)
+    rows = [{"method": "dense", "target": "-", "ppl": dense_ppl}]
+    for label, sparsity, pattern in TARGETS:
+        for method in METHODS:
+            model.load_state_dict(dense_state)
+            targets = SparsityConfig.uniform(sparsity, pattern).resolve(layout(model))
+            _sync(args.device)
+            t = time.perf_counter()
+            result = prune_model(model, make_pruner(method), targets, calib if method != "magnitude" else None,
+                                 device=args.device, batch_size=args.batch_size)
+            _sync(args.device)
+            seconds = time.perf_counter() - t
+            ppl = perplexity(model, test, seqlen, args.batch_size)
+            rows.append({"method": method, "target": label, "ppl": ppl, "prune_s": seconds,
+                         "prune_over_forward": seconds / fwd, "sparsity": global_sparsity(result["layers"])})
+            print(f"{label:>4} {method:>10} ppl {ppl:9.3f}  prune {seconds:6.2f}s = {seconds / fwd:6.2f} forwards",
+                  flush=True)
+    protocol = {"model": source, "ppl_data": data.describe("wikitext2", args.data_dir), "seqlen": seqlen,
+                "eval_tokens": n_eval, "calib": data.describe("c4", args.data_dir), "nsamples": args.nsamples,
+                "seed": 0, "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "machine": platform.processor() or platform.machine(),
+                "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
+    result = {"protocol": protocol, "calib_forward_s": fwd, "eval_tokens_per_s": eval_tps, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if args.device == "cpu" else f"-{args.device.split(':')[0]}"
+    (out / f"oneshot{suffix}.json").write_text(json.dumps(result, indent=2))
+    lines = [f"# One-shot pruning of {Path(source).name} on {args.device}", "",
+             f"WikiText-2 test PPL (full stream, {n_eval} tokens, seqlen {seqlen}); calibration {args.nsamples} x "
+             f"{seqlen} C4 tokens ({protocol['calib'].get('origin', '')}), seed 0. Prune time is divided by one plain "
+             f"forward pass over the same calibration tokens ({fwd:.3f}s), measured in the same run. "
+             f"Evaluation throughput: {eval_tps:,.0f} tokens/s.", "",
+             f"Dense PPL: {dense_ppl:.3f}", "", "| target | method | PPL | prune s | prune / forward |",
+             "|---|---|---|---|---|"]
+    for r in rows[1:]:
+        lines.append(f"| {r['target']} | {r['method']} | {r['ppl']:.3f} | {r['prune_s']:.2f} | "
+                     f"{r['prune_over_forward']:.2f} |")
+    (out / f"oneshot{suffix}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
