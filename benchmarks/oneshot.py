@@ -86,8 +86,9 @@ def main() -> None:
                          "prune_over_forward": seconds / fwd, "sparsity": global_sparsity(result["layers"])})
             print(f"{label:>4} {method:>10} ppl {ppl:9.3f}  prune {seconds:6.2f}s = {seconds / fwd:6.2f} forwards",
                   flush=True)
-    protocol = {"model": source, "ppl_data": data.describe("wikitext2", args.data_dir), "seqlen": seqlen,
-                "eval_tokens": n_eval, "calib": data.describe("c4", args.data_dir), "nsamples": args.nsamples,
+    protocol = {"model": source, "ppl_data": data.describe("wikitext2", args.data_dir, "evaluation"), "seqlen": seqlen,
+                "eval_tokens": n_eval, "calib": data.describe("c4", args.data_dir, "calibration"),
+                "nsamples": args.nsamples,
                 "seed": 0, "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "machine": platform.processor() or platform.machine(),
                 "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}

@@ -92,7 +92,7 @@ class DenseReference:
         z = logits.float()
         if self.indices is None:
             p = self.probs[rows].to(z.device)
-            return self.neg_entropy[rows].to(z.device) - (p * z).sum(-1) + torch.logsumexp(z, dim=-1)
+            return self.neg_entropy[rows].to(z.device) - torch.einsum("btv,btv->bt", p, z) + torch.logsumexp(z, dim=-1)
         logq = F.log_softmax(z, dim=-1)
         logp = self.logprobs[rows].to(logq.device)
         q_top = logq.gather(-1, self.indices[rows].to(logq.device))
