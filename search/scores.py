@@ -29,7 +29,8 @@ def _ranks(score: torch.Tensor, per_row: bool, m: int) -> torch.Tensor:
     flat = score if per_row else score.reshape(1, -1)
     order = torch.argsort(flat, dim=1, stable=True)
     ranks = torch.empty_like(order, dtype=torch.int32)
-    ranks.scatter_(1, order, torch.arange(flat.shape[1], dtype=torch.int32).expand_as(order).contiguous())
+    positions = torch.arange(flat.shape[1], dtype=torch.int32, device=order.device)
+    ranks.scatter_(1, order, positions.expand_as(order).contiguous())
     return ranks.reshape(score.shape)
 
 
