@@ -56,9 +56,10 @@ def main() -> None:
     (out / "search_quality.json").write_text(json.dumps(summary, indent=2, default=str))
     lines = ["# Allocation search vs heuristic allocations", "",
              f"Default model, Wanda scores, unstructured, block granularity, {args.trials} trials per run. "
-             "Search fitness: KL to the dense model on 32 x 256 held-out C4 tokens (first 8 sequences as the early-stopping rung) (docs 900-999 of the bundled "
-             "sample). Report: WikiText-2 test perplexity (full stream, seqlen 256) of each allocation realized "
-             "with sequential one-shot Wanda (128 x 256 C4 calibration tokens, seed 0); the search never saw it.", ""]
+             "Search fitness: KL to the dense model on 32 x 256 held-out C4 tokens (docs 900-999 of the bundled "
+             "sample; the first 8 sequences are the early-stopping rung). Report: WikiText-2 test perplexity (full "
+             "stream, seqlen 256) of each allocation realized with sequential one-shot Wanda (128 x 256 C4 "
+             "calibration tokens, seed 0); the search never saw it.", ""]
     first = args.samplers.split(",")[0]
     for budget in args.budgets.split(","):
         s = summary[f"{float(budget):g}/{first}"]

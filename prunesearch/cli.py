@@ -11,7 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from prunesearch import __version__
 
@@ -224,7 +223,6 @@ def _print_sparsity(rows: list[dict]) -> None:
 
 
 def cmd_eval(args) -> int:
-    from prunesearch import data
     from prunesearch.models import load_model, resolve_device
 
     device = resolve_device(args.device)

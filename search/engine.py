@@ -100,7 +100,8 @@ class Workspace:
         self.calib_protocol = data.describe(settings.calib, settings.data_dir)
         self.heldout_protocol = data.describe("c4", settings.data_dir)
 
-        scores_path = cache / f"scores-{settings.key('model', 'pruner', 'pattern', 'calib', 'nsamples', 'seqlen', 'seed', 'data_dir')}.safetensors"
+        scores_key = settings.key("model", "pruner", "pattern", "calib", "nsamples", "seqlen", "seed", "data_dir")
+        scores_path = cache / f"scores-{scores_key}.safetensors"
         if scores_path.exists():
             self.scores = ScoreCache.load(scores_path)
         else:
@@ -113,7 +114,8 @@ class Workspace:
 
         self.heldout = data.heldout_ids(self.tokenizer, settings.fitness_samples, self.seqlen, settings.seed,
                                         settings.data_dir)
-        ref_path = cache / f"reference-{settings.key('model', 'fitness_samples', 'seqlen', 'seed', 'data_dir')}.safetensors"
+        ref_key = settings.key("model", "fitness_samples", "seqlen", "seed", "data_dir")
+        ref_path = cache / f"reference-{ref_key}.safetensors"
         if settings.fitness == "kl":
             if ref_path.exists():
                 self.reference = DenseReference.load(ref_path)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_model
 from pruners.magnitude import Magnitude
-from pruners.masks import Target, expected_pruned, nm_mask, parse_pattern, row_mask
+from pruners.masks import Target, expected_pruned, nm_mask, parse_pattern
 from pruners.oneshot import make_pruner, prune_model
 from pruners.registry import get_weight, layout
 from pruners.sparsegpt import sparsegpt
