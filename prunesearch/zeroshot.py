@@ -1,185 +1,260 @@
-"""Zero-shot tasks on the in-memory model through lm-eval's Hugging Face backend.
+"""Zero-shot lm-eval tasks on an in-memory model: offline over a local data folder, online by stock task names.
 
-Offline (a data folder laid out like ``shared/data``): the seven tasks below are defined here over the local
-files, with the prompts, choices and metrics of lm-eval's stock task definitions, and scored with lm-eval's
-``HFLM.loglikelihood``. Online (no data folder): lm-eval's own tasks by their stock names via
-``simple_evaluate``. Result: ``{"results": {task: {metric: value}}, "protocol": {...}}``.
+``evaluate_tasks`` returns ``{"results": {task: {metric: value}}, "protocol": {...}}``. ``results`` holds, under the
+plain task name, the numbers lm-eval reports (``acc``, ``acc_stderr``, and ``acc_norm``, ``acc_norm_stderr`` where the
+stock task has them; LAMBADA ``perplexity``, ``perplexity_stderr``, ``acc``, ``acc_stderr``) and ``sample_len``, the
+number of documents scored. ``protocol`` records how: ``tasks``, ``source`` (``"local:<data dir>"`` or ``"hub"``),
+``task_dir`` (the offline task folder, else None), ``limit``, ``num_fewshot``, ``bootstrap_iters``,
+``lm_eval_version`` and ``task_versions``.
+
+Offline, every task is an lm-eval YAML in ``cache_dir("lm_eval_tasks", <hash of the data dir>)`` that copies the
+prompt, choices, target and metrics of lm-eval's stock task, adapted to the field layout of the local file, and reads
+that file with the ``datasets`` ``json`` builder. The tasks are named ``ps_<task>`` so they never shadow stock tasks;
+the folder also works as ``lm_eval --include_path``. PIQA (labels in a separate file) and HellaSwag (a text export)
+are first converted to jsonl in the same folder, once.
 """
 
 from __future__ import annotations
 
 import bz2
+import hashlib
 import json
-import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import yaml
+
+from prunesearch.cache import cache_dir
 
 SUPPORTED_OFFLINE = ("piqa", "arc_easy", "arc_challenge", "winogrande", "boolq", "lambada_openai", "hellaswag")
+PREFIX = "ps_"
+BOOTSTRAP_ITERS = 1000  # resamples for the perplexity stderr; lm-eval's default of 100000 takes minutes on CPU
+_FORMAT = 1  # part of the task folder's name: bump it when a conversion or a task definition changes
 
-
-@dataclass
-class Doc:
-    """One example: a context per choice (one shared context for most tasks), continuations, and the gold index."""
-
-    contexts: list[str]
-    continuations: list[str]
-    gold: int
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _piqa(root: Path) -> list[Doc]:
-    rows = _jsonl(root / "piqa/valid.jsonl")
-    labels = [int(x) for x in (root / "piqa/valid-labels.lst").read_text().split()]
-    return [Doc([f"Question: {r['goal']}\nAnswer:"], [f" {r['sol1']}", f" {r['sol2']}"], y)
-            for r, y in zip(rows, labels)]
-
-
-def _arc(path: Path) -> list[Doc]:
-    docs = []
-    for r in _jsonl(path):
-        labels = [c["label"] for c in r["question"]["choices"]]
-        docs.append(Doc([f"Question: {r['question']['stem']}\nAnswer:"],
-                        [f" {c['text']}" for c in r["question"]["choices"]], labels.index(r["answerKey"])))
-    return docs
-
-
-def _winogrande(root: Path) -> list[Doc]:
-    """Partial scoring as lm-eval: each option fills the blank in its own context; the rest is the continuation."""
-    docs = []
-    for r in _jsonl(root / "winogrande/winogrande_1.1/dev.jsonl"):
-        cut = r["sentence"].index("_")
-        rest = " " + r["sentence"][cut + 1:].strip()
-        docs.append(Doc([r["sentence"][:cut] + r["option1"], r["sentence"][:cut] + r["option2"]], [rest, rest],
-                        int(r["answer"]) - 1))
-    return docs
-
-
-def _boolq(root: Path) -> list[Doc]:
-    return [Doc([f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:"], [" no", " yes"], int(bool(r["answer"])))
-            for r in _jsonl(root / "boolq/dev.jsonl")]
-
-
-def _lambada(root: Path) -> list[Doc]:
-    docs = []
-    for r in _jsonl(root / "lambada_openai/lambada_test.jsonl"):
-        context, word = r["text"].rsplit(" ", 1)
-        docs.append(Doc([context], [f" {word}"], 0))
-    return docs
+_ACC = {"metric": "acc", "aggregation": "mean", "higher_is_better": True}
+_ACC_NORM = {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}
 
 
 def hellaswag_preprocess(text: str) -> str:
-    """lm-eval's HellaSwag cleaning: strip, ' [title]' → '. ', drop [bracket] tags, collapse double spaces."""
+    """lm-eval's HellaSwag cleaning (WikiHow artefacts): ' [title]' becomes '. ', other [tags] go, '  ' becomes ' '."""
     text = text.strip().replace(" [title]", ". ")
     text = re.sub("\\[.*?\\]", "", text)
     return text.replace("  ", " ")
 
 
-def _hellaswag(root: Path) -> list[Doc]:
-    """From the 6-lines-per-item text export ("label: ctx", gold, 4 endings). lm-eval builds the query from
-    ``ctx_a + " " + ctx_b.capitalize()``; the export holds that joined context already, so the only possible
-    difference is the capitalisation of ``ctx_b``, which the export applied the same way."""
-    lines = bz2.decompress((root / "hellaswag/hellaswag_val_full.txt.bz2").read_bytes()).decode("utf-8").splitlines()
-    docs = []
-    for i in range(0, len(lines) - 5, 6):
-        docs.append(Doc([hellaswag_preprocess(lines[i])], [" " + hellaswag_preprocess(e) for e in lines[i + 2:i + 6]],
-                        int(lines[i + 1])))
-    return docs
+def hellaswag_doc(lines: list[str]) -> dict[str, Any]:
+    """One HellaSwag item from its six export lines ("activity_label: ctx", gold, four endings) as lm-eval builds it.
+
+    lm-eval's query is ``preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize())``; the export keeps
+    only ``ctx`` (ctx_a and ctx_b joined, ctx_b not capitalised), already stripped of [header], [step], [substeps] and
+    [title] tags. ctx_b is taken to be what follows the last sentence end of ``ctx`` when ``ctx`` does not itself end a
+    sentence (3241 of the 10042 items; every such tail is lower case, so this matches lm-eval wherever the split
+    guess is right); a ctx_b that starts a new sentence is left as exported. lm-eval's other tag removal and space
+    collapsing run again on the exported text, so only rare runs of adjacent tags can leave a space more or less.
+    """
+    head, label, *endings = lines
+    activity, ctx = head.split(": ", 1)
+    if ctx and ctx[-1] not in ".!?\"'":
+        cut = max(ctx.rfind(". "), ctx.rfind("! "), ctx.rfind("? "))
+        start = cut + 2 if cut >= 0 else 0
+        ctx = ctx[:start] + ctx[start:].capitalize()
+    return {"query": hellaswag_preprocess(f"{activity}: {ctx}"),
+            "choices": [hellaswag_preprocess(e) for e in endings], "label": int(label)}
 
 
-TASKS: dict[str, tuple[str, Callable[[Path], list[Doc]]]] = {
-    "piqa": ("piqa/valid.jsonl", _piqa),
-    "arc_easy": ("arc/ARC-Easy/ARC-Easy-Test.jsonl", lambda root: _arc(root / "arc/ARC-Easy/ARC-Easy-Test.jsonl")),
-    "arc_challenge": ("arc/ARC-Challenge/ARC-Challenge-Test.jsonl",
-                      lambda root: _arc(root / "arc/ARC-Challenge/ARC-Challenge-Test.jsonl")),
-    "winogrande": ("winogrande/winogrande_1.1/dev.jsonl", _winogrande),
-    "boolq": ("boolq/dev.jsonl", _boolq),
-    "lambada_openai": ("lambada_openai/lambada_test.jsonl", _lambada),
-    "hellaswag": ("hellaswag/hellaswag_val_full.txt.bz2", _hellaswag),
+def _hellaswag_rows(data_dir: Path) -> Iterator[dict[str, Any]]:
+    """The items of the 6-lines-per-item export, in file order."""
+    path = data_dir / "hellaswag/hellaswag_val_full.txt.bz2"
+    lines = bz2.decompress(path.read_bytes()).decode("utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) % 6:
+        raise ValueError(f"{path} has {len(lines)} lines; the HellaSwag text export has 6 lines per item")
+    for i in range(0, len(lines), 6):
+        yield hellaswag_doc(lines[i:i + 6])
+
+
+def _piqa_rows(data_dir: Path) -> Iterator[dict[str, Any]]:
+    """PIQA validation rows with their label from the aligned labels file, as in the stock dataset."""
+    rows = (data_dir / "piqa/valid.jsonl").read_text(encoding="utf-8").splitlines()
+    labels = (data_dir / "piqa/valid-labels.lst").read_text().split()
+    if len(rows) != len(labels):
+        raise ValueError(f"piqa/valid.jsonl has {len(rows)} rows but piqa/valid-labels.lst has {len(labels)} labels "
+                         f"in {data_dir}; the two files must be aligned line by line")
+    for row, label in zip(rows, labels):
+        yield {**json.loads(row), "label": int(label)}
+
+
+@dataclass(frozen=True)
+class _LocalTask:
+    """An offline task: its files in the data folder, the split the stock task scores, and its lm-eval fields."""
+
+    sources: tuple[str, ...]
+    split: str
+    fields: dict[str, Any]
+    convert: Callable[[Path], Iterator[dict[str, Any]]] | None = None
+
+
+def _arc(name: str) -> _LocalTask:
+    """ARC from the original jsonl (question.stem, question.choices[{text, label}], answerKey 'A'.. or '1'..)."""
+    return _LocalTask((f"arc/{name}/{name}-Test.jsonl",), "test", {
+        "output_type": "multiple_choice",
+        "doc_to_text": "Question: {{question.stem}}\nAnswer:",
+        "doc_to_target": "{{(question.choices | map(attribute='label') | list).index(answerKey)}}",
+        "doc_to_choice": "{{question.choices | map(attribute='text') | list}}",
+        "metric_list": [_ACC, _ACC_NORM], "metadata": {"version": 1.0}})
+
+
+_TASKS: dict[str, _LocalTask] = {
+    "piqa": _LocalTask(("piqa/valid.jsonl", "piqa/valid-labels.lst"), "validation", {
+        "output_type": "multiple_choice",
+        "doc_to_text": "Question: {{goal}}\nAnswer:", "doc_to_target": "label", "doc_to_choice": "{{[sol1, sol2]}}",
+        "metric_list": [_ACC, _ACC_NORM], "metadata": {"version": 1.0}}, _piqa_rows),
+    "arc_easy": _arc("ARC-Easy"),
+    "arc_challenge": _arc("ARC-Challenge"),
+    # Stock preprocess_winogrande as templates: each option fills the blank in its own context (partial scoring).
+    "winogrande": _LocalTask(("winogrande/winogrande_1.1/dev.jsonl",), "validation", {
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{(answer | int) - 1}}",
+        "doc_to_target": "{{sentence[sentence.index('_') + 1:].strip()}}",
+        "doc_to_choice": "{{[sentence[:sentence.index('_')] + option1, sentence[:sentence.index('_')] + option2]}}",
+        "metric_list": [_ACC], "metadata": {"version": 1.0}}),
+    "boolq": _LocalTask(("boolq/dev.jsonl",), "validation", {
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:", "doc_to_target": "{{answer | int}}",
+        "doc_to_choice": ["no", "yes"], "metric_list": [_ACC], "metadata": {"version": 2.0}}),
+    "lambada_openai": _LocalTask(("lambada_openai/lambada_test.jsonl",), "test", {
+        "output_type": "loglikelihood",
+        "doc_to_text": "{{text.split(' ')[:-1]|join(' ')}}", "doc_to_target": "{{' '+text.split(' ')[-1]}}",
+        "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}, _ACC],
+        "metadata": {"version": 1.0}}),
+    "hellaswag": _LocalTask(("hellaswag/hellaswag_val_full.txt.bz2",), "validation", {
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{query}}", "doc_to_target": "{{label}}", "doc_to_choice": "choices",
+        "metric_list": [_ACC, _ACC_NORM], "metadata": {"version": 1.0}}, _hellaswag_rows),
 }
 
 
-def load_docs(task: str, data_dir: str | Path, limit: int | None = None) -> list[Doc]:
-    """The examples of an offline task from a data folder; unknown tasks and missing files are clear errors."""
-    if task not in TASKS:
-        raise ValueError(f"task {task!r} has no offline definition; supported: {', '.join(SUPPORTED_OFFLINE)}")
-    root = Path(data_dir)
-    if not (root / TASKS[task][0]).is_file():
-        raise FileNotFoundError(f"task {task} needs {root / TASKS[task][0]}, which does not exist")
-    docs = TASKS[task][1](root)
-    return docs[:limit] if limit else docs
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
-def _stderr(values: list[float]) -> float:
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+def _converted(task: str, spec: _LocalTask, data_dir: Path, folder: Path) -> Path:
+    """The jsonl lm-eval reads, written once into ``folder`` and rewritten only when a source file is newer."""
+    out = folder / f"{task}.jsonl"
+    newest = max((data_dir / s).stat().st_mtime_ns for s in spec.sources)
+    if not out.exists() or out.stat().st_mtime_ns < newest:
+        rows = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in spec.convert(data_dir))
+        _write_atomically(out, rows)
+    return out
 
 
-def score_docs(lm, task: str, docs: list[Doc]) -> dict[str, float]:
-    """acc / acc_norm (log-likelihood per byte of the choice, as lm-eval) with stderr; LAMBADA: acc and PPL."""
-    from lm_eval.api.instance import Instance
+def task_dir(data_dir: str | Path) -> Path:
+    """The cache folder that holds the offline task YAMLs and converted files of one data folder."""
+    root = Path(data_dir).expanduser().resolve()
+    return cache_dir("lm_eval_tasks", hashlib.sha256(f"{root}|{_FORMAT}".encode()).hexdigest()[:16])
 
-    requests = []
-    for d in docs:
-        for j, cont in enumerate(d.continuations):
-            ctx = d.contexts[j] if len(d.contexts) > 1 else d.contexts[0]
-            requests.append(Instance("loglikelihood", {}, (ctx, cont), len(requests)))
-    out = lm.loglikelihood(requests, disable_tqdm=True)
-    acc, acc_norm, lls = [], [], []
-    k = 0
-    for d in docs:
-        scores = out[k:k + len(d.continuations)]
-        k += len(d.continuations)
-        if task == "lambada_openai":
-            lls.append(scores[0][0])
-            acc.append(float(scores[0][1]))
-            continue
-        ll = [s[0] for s in scores]
-        acc.append(float(max(range(len(ll)), key=ll.__getitem__) == d.gold))
-        norm = [x / len(c.encode("utf-8")) for x, c in zip(ll, d.continuations)]
-        acc_norm.append(float(max(range(len(norm)), key=norm.__getitem__) == d.gold))
-    result = {"acc": sum(acc) / len(acc), "acc_stderr": _stderr(acc), "n": len(docs)}
-    if task == "lambada_openai":
-        result["perplexity"] = math.exp(-sum(lls) / len(lls))
-    elif task != "winogrande":
-        result["acc_norm"] = sum(acc_norm) / len(acc_norm)
-        result["acc_norm_stderr"] = _stderr(acc_norm)
-    return result
+
+def prepare_offline_tasks(tasks: list[str], data_dir: str | Path) -> Path:
+    """Check the tasks' files, convert what needs it and write the ``ps_<task>`` YAMLs; returns their folder."""
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise ValueError(f"data_dir {root} is not a directory; pass a folder laid out like shared/data")
+    for task in tasks:
+        if task not in _TASKS:
+            raise ValueError(f"task {task!r} has no offline definition; "
+                             f"supported offline: {', '.join(SUPPORTED_OFFLINE)}")
+        for source in _TASKS[task].sources:
+            if not (root / source).is_file():
+                files = "; ".join(f"{t}: {', '.join(s.sources)}" for t, s in _TASKS.items())
+                raise ValueError(f"task {task!r} needs {root / source}, which does not exist; "
+                                 f"supported offline tasks and their files: {files}")
+    folder = task_dir(root)
+    for task in tasks:
+        spec = _TASKS[task]
+        data_file = _converted(task, spec, root, folder) if spec.convert else root / spec.sources[0]
+        config = {"task": PREFIX + task, "dataset_path": "json",
+                  "dataset_kwargs": {"data_files": {spec.split: str(data_file)},
+                                     "cache_dir": str(cache_dir("hf_datasets"))},
+                  f"{spec.split}_split": spec.split, "num_fewshot": 0, **spec.fields}
+        text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+        path = folder / f"{PREFIX}{task}.yaml"
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            _write_atomically(path, text)
+    return folder
+
+
+@contextmanager
+def _offline() -> Iterator[None]:
+    """Keep ``datasets`` off the hub and lm-eval's bootstrap in this process (no fork of a process holding a model)."""
+    import datasets
+
+    with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True), \
+            mock.patch.dict(os.environ, {"HF_DATASETS_OFFLINE": "1", "DISABLE_MULTIPROC": "1"}):
+        yield
+
+
+def offline_tasks(tasks: list[str], data_dir: str | Path) -> dict[str, Any]:
+    """The offline tasks as lm-eval ``Task`` objects (documents loaded), keyed by plain task name."""
+    from lm_eval.tasks import TaskManager
+
+    folder = prepare_offline_tasks(tasks, data_dir)
+    with _offline():
+        loaded = TaskManager(include_path=str(folder), include_defaults=False).load([PREFIX + t for t in tasks])
+    return {t: loaded["tasks"][PREFIX + t] for t in tasks}
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], data_dir: str | Path | None = None, limit: int | None = None,
-                   batch_size: int = 8, device: str | None = None, num_fewshot: int = 0) -> dict:
-    """Zero-shot accuracy of an in-memory model: offline from ``data_dir`` (or PRUNESEARCH_DATA_DIR), else lm-eval's
-    stock tasks online."""
+                   batch_size: int = 8, device: str | None = None, num_fewshot: int = 0) -> dict[str, dict[str, Any]]:
+    """Score zero-shot tasks with lm-eval: offline from ``data_dir`` (or ``PRUNESEARCH_DATA_DIR``), else from the hub.
+
+    ``limit`` scores only the first documents of each task. Returns ``{"results": ..., "protocol": ...}`` as described
+    in the module docstring; the model is scored where its weights are (``device`` goes to lm-eval's ``HFLM``).
+    """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
+    if not tasks:
+        raise ValueError("tasks is empty; name at least one task, e.g. " + ", ".join(SUPPORTED_OFFLINE))
     data_dir = data_dir or os.environ.get("PRUNESEARCH_DATA_DIR")
+    if data_dir and num_fewshot:
+        raise ValueError(f"num_fewshot={num_fewshot} with a data_dir: offline tasks have no training split to draw "
+                         "shots from; use num_fewshot=0 or the hub tasks")
+    protocol: dict[str, Any] = {"tasks": list(tasks), "limit": limit, "num_fewshot": num_fewshot,
+                                "bootstrap_iters": BOOTSTRAP_ITERS, "lm_eval_version": lm_eval.__version__}
+    if data_dir:
+        specs: list[Any] = list(offline_tasks(tasks, data_dir).values())
+        manager, context = TaskManager(include_defaults=False), _offline()
+        protocol |= {"source": f"local:{Path(data_dir).expanduser().resolve()}", "task_dir": str(task_dir(data_dir))}
+    else:
+        from prunesearch.data import hub_reachable
+
+        if not hub_reachable():
+            raise ValueError("zero-shot tasks need a data_dir (or PRUNESEARCH_DATA_DIR) with the offline task files, "
+                             "or a reachable Hugging Face hub for the stock tasks")
+        specs, manager, context = list(tasks), TaskManager(), mock.patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"})
+        protocol |= {"source": "hub", "task_dir": None}
     device = device or str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    protocol = {"tasks": list(tasks), "limit": limit, "num_fewshot": num_fewshot,
-                "lm_eval_version": lm_eval.__version__}
-    if data_dir:
-        if num_fewshot:
-            raise ValueError("offline tasks are zero-shot only")
-        docs = {t: load_docs(t, data_dir, limit) for t in tasks}  # every file is checked before scoring
-        results = {t: score_docs(lm, t, d) for t, d in docs.items()}
-        protocol["source"] = f"local:{Path(data_dir).resolve()}"
-        return {"results": results, "protocol": protocol}
-    from prunesearch.data import hub_reachable
+    with context:
+        raw = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=num_fewshot,
+                                      limit=limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
+                                      random_seed=None, numpy_random_seed=None, torch_random_seed=None)
 
-    if not hub_reachable():
-        raise ValueError("zero-shot tasks need --data-dir (offline task files) or a reachable Hugging Face hub")
-    raw = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit)
-    results = {t: {k.split(",")[0]: v for k, v in r.items() if isinstance(v, (int, float))}
-               for t, r in raw["results"].items()}
-    protocol["source"] = "hub"
+    def plain(name: str) -> str:
+        return name.removeprefix(PREFIX) if data_dir else name
+
+    results = {plain(name): {key.split(",")[0]: value for key, value in metrics.items()
+                             if isinstance(value, (int, float)) and not isinstance(value, bool)}
+               for name, metrics in raw["results"].items()}
+    protocol["task_versions"] = {plain(name): version for name, version in raw.get("versions", {}).items()}
     return {"results": results, "protocol": protocol}
