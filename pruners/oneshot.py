@@ -36,7 +36,7 @@ def prune_model(model: nn.Module, pruner, targets: dict[str, Target], calib_ids:
     touched = {n for n, t in targets.items() if t.sparsity > 0 or getattr(pruner, "wbits", None)}
     start = time.perf_counter()
     if pruner.stats is None:
-        for i, block in enumerate(lay.projections):
+        for block in lay.projections:
             for name, module in block.items():
                 if name in touched:
                     set_weight(module, pruner.prune(get_weight(module).float(), None, targets[name]))

@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     try:
         return args.func(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
         if os.environ.get("PRUNESEARCH_DEBUG"):
             raise
         print(f"prunesearch: error: {e}", file=sys.stderr)
