@@ -129,11 +129,7 @@ def _targets_config(args):
 def _seqlen(model, args) -> int:
     from prunesearch.models import default_seqlen
 
-    if args.seqlen is None and args.model is None:
-        from prunesearch.default_model import DEFAULT_SEQLEN
-
-        return DEFAULT_SEQLEN
-    return default_seqlen(model, args.seqlen)
+    return default_seqlen(model, args.seqlen, builtin=args.model is None)
 
 
 def _perplexities(model, tokenizer, names: list[str], seqlen: int, args) -> dict:

@@ -74,11 +74,16 @@ def load_model(model: str | None, device: str = "cpu", dtype: str = "auto", comp
     return net.to(device).eval(), tokenizer, source
 
 
-def default_seqlen(model, requested: int | None) -> int:
-    """The protocol sequence length: as requested, else 2048 capped by the model's own context."""
+def default_seqlen(model, requested: int | None, builtin: bool = False) -> int:
+    """The protocol sequence length: as requested; else the built-in model's 256, or 2048 capped by the model's
+    own context (never blindly ``max_position_embeddings``, which can be 32768)."""
     if requested is not None:
         if requested < 2:
             raise ValueError(f"--seqlen must be at least 2, got {requested}")
         return requested
+    if builtin:
+        from prunesearch.default_model import DEFAULT_SEQLEN
+
+        return DEFAULT_SEQLEN
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     return min(2048, limit) if limit else 2048

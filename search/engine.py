@@ -77,12 +77,7 @@ class Workspace:
         self.settings, self.out, self.batch_size = settings, out, batch_size
         self.model, self.tokenizer, self.source = load_model(settings.model, device)
         self.lay = layout(self.model)
-        if settings.seqlen is None and settings.model is None:
-            from prunesearch.default_model import DEFAULT_SEQLEN
-
-            self.seqlen = DEFAULT_SEQLEN
-        else:
-            self.seqlen = default_seqlen(self.model, settings.seqlen)
+        self.seqlen = default_seqlen(self.model, settings.seqlen, builtin=settings.model is None)
         total = sum(p.numel() for p in self.model.parameters())
         self.budget_kind, self.budget_value, target = parse_budget(settings.budget, self.lay, total)
         low = settings.min_sparsity if settings.min_sparsity is not None else max(0.0, target - 0.2)
