@@ -50,23 +50,31 @@ def _inverse_cholesky(hessian: torch.Tensor, percdamp: float, retries: int = 4) 
     raise RuntimeError(f"Hessian stayed non positive definite up to damping {percdamp * 10**retries:g}")
 
 
+def prepare(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """What SparseGPT needs from H, independent of the target: the upper Cholesky factor of the damped inverse
+    (dead inputs, H_jj = 0, set to 1), the damping used and the dead-input mask. Reusable across targets."""
+    H = hessian.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    Hinv, damp = _inverse_cholesky(H, percdamp)
+    return Hinv, damp, dead
+
+
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, target: Target, blocksize: int = 128,
-              percdamp: float = 0.01, wbits: int | None = None, mask: torch.Tensor | None = None
+              percdamp: float = 0.01, wbits: int | None = None, mask: torch.Tensor | None = None,
+              prepared: tuple[torch.Tensor, float, torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Prune (and optionally quantize) ``weight`` (out x in) given H = (2/N)ΣXXᵀ.
 
     Returns the new weight, the mask (True = pruned) and details (damping used). A given ``mask`` is applied
-    as is instead of being selected, which is what the equivalence tests use.
+    as is instead of being selected, which is what the equivalence tests use; ``prepared`` (from ``prepare``)
+    skips the inversion when one H serves several targets.
     """
-    dtype = hessian.dtype
-    W = weight.to(dtype).clone()
+    Hinv, damp, dead = prepared or prepare(hessian, percdamp)
+    W = weight.to(hessian.dtype).clone()
     rows, cols = W.shape
-    H = hessian.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
     W[:, dead] = 0
     quant = MinMaxQuantizer(wbits, W) if wbits else None
-    Hinv, damp = _inverse_cholesky(H, percdamp)
     pruned = torch.zeros_like(W, dtype=torch.bool)
     n, m = target.n, target.m
     for i1 in range(0, cols, blocksize):

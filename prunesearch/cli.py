@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "params=N (nonzero parameters, e.g. 4.5M)")
     p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (layers get k:M levels)")
     p.add_argument("--granularity", default="block", choices=["block", "projection"])
-    p.add_argument("--pruner", default="wanda", choices=["wanda", "magnitude"])
+    p.add_argument("--pruner", default="wanda", choices=["wanda", "magnitude", "sparsegpt"],
+                   help="wanda/magnitude: cached weight ranks; sparsegpt: a level database (default: wanda)")
+    p.add_argument("--level-step", type=float, default=0.025,
+                   help="sparsegpt only: sparsity step of the level grid on an average-size unit (default: 0.025)")
     p.add_argument("--fitness", default="kl", choices=["kl", "ppl"], help="KL to the dense model (default) or "
                                                                          "perplexity, on held-out C4 tokens")
     p.add_argument("--min-sparsity", type=float, help="lower bound per unit (default: budget - 0.2)")
@@ -290,7 +293,7 @@ def cmd_search(args) -> int:
         pruner=args.pruner, fitness=args.fitness, sampler=args.sampler, min_sparsity=args.min_sparsity,
         max_sparsity=args.max_sparsity, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, fitness_samples=args.fitness_samples, low_fidelity_samples=args.low_fidelity_samples,
-        data_dir=args.data_dir,
+        data_dir=args.data_dir, level_step=args.level_step,
     )
     time_budget = parse_duration(args.time_budget) if args.time_budget else None
     out = Path(args.out)

@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 from pruners.registry import layout
 from search.samplers import make_sampler, param_name
+from search.levels import LevelDatabase, LevelRealizer
 from search.scores import Realizer, ScoreCache
 from search.seeds import heuristic_seeds
 from search.space import Space, make_space, parse_budget
@@ -55,6 +56,7 @@ class SearchSettings:
     low_fidelity_samples: int = 8
     prune_percentile: float = 50.0
     data_dir: str | None = None
+    level_step: float = 0.025
 
     def signature(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,8 +86,10 @@ class Workspace:
         high = settings.max_sparsity if settings.max_sparsity is not None else min(0.99, target + 0.2)
         self.space = make_space(self.lay, target, low, high, settings.granularity)
         self.m = parse_pattern(settings.pattern)
-        if settings.pruner not in ("wanda", "magnitude"):
-            raise ValueError(f"search pruner must be wanda or magnitude (score-based), got {settings.pruner!r}")
+        if settings.pruner not in ("wanda", "magnitude", "sparsegpt"):
+            raise ValueError(f"search pruner must be wanda, magnitude or sparsegpt, got {settings.pruner!r}")
+        if not 0 < settings.level_step < 1:
+            raise ValueError(f"level step must be in (0, 1), got {settings.level_step}")
         if settings.fitness not in ("kl", "ppl"):
             raise ValueError(f"fitness must be kl or ppl, got {settings.fitness!r}")
         if not 0 < settings.low_fidelity_samples <= settings.fitness_samples:
@@ -95,17 +99,21 @@ class Workspace:
         self.calib_protocol = data.describe(settings.calib, settings.data_dir)
         self.heldout_protocol = data.describe("c4", settings.data_dir)
 
-        scores_key = settings.key("model", "pruner", "pattern", "calib", "nsamples", "seqlen", "seed", "data_dir")
-        scores_path = cache / f"scores-{scores_key}.safetensors"
-        if scores_path.exists():
-            self.scores = ScoreCache.load(scores_path)
+        if settings.pruner == "sparsegpt":
+            self.scores = self._level_database(cache, device, batch_size)
+            self.realizer = LevelRealizer(self.lay, self.scores)
         else:
-            t = time.perf_counter()
-            calib = data.calibration_ids(self.tokenizer, settings.calib, settings.nsamples, self.seqlen,
-                                         settings.seed, settings.data_dir)
-            self.scores = ScoreCache.build(self.model, self.lay, settings.pruner, self.m, calib, device, batch_size)
-            self.scores.save(scores_path)
-            log.info("ranked all weights in %.1fs", time.perf_counter() - t)
+            key = settings.key("model", "pruner", "pattern", "calib", "nsamples", "seqlen", "seed", "data_dir")
+            path = cache / f"scores-{key}.safetensors"
+            if path.exists():
+                self.scores = ScoreCache.load(path)
+            else:
+                t = time.perf_counter()
+                self.scores = ScoreCache.build(self.model, self.lay, settings.pruner, self.m,
+                                               self.calibration_ids(), device, batch_size)
+                self.scores.save(path)
+                log.info("ranked all weights in %.1fs", time.perf_counter() - t)
+            self.realizer = Realizer(self.lay, self.scores)
 
         self.heldout = data.heldout_ids(self.tokenizer, settings.fitness_samples, self.seqlen, settings.seed,
                                         settings.data_dir)
@@ -117,12 +125,44 @@ class Workspace:
             else:
                 self.reference = DenseReference.compute(self.model, self.heldout, batch_size)
                 self.reference.save(ref_path)
-        self.realizer = Realizer(self.lay, self.scores)
+
+    def calibration_ids(self) -> torch.Tensor:
+        """The calibration sequences the pruner's statistics come from (also used to realize the report)."""
+        from prunesearch import data
+
+        s = self.settings
+        return data.calibration_ids(self.tokenizer, s.calib, s.nsamples, self.seqlen, s.seed, s.data_dir)
+
+    def _level_database(self, cache: Path, device: str, batch_size: int) -> LevelDatabase:
+        """Load or build the SparseGPT level database of this space (levels on the grid ``allocation`` snaps to)."""
+        s = self.settings
+        key = s.key("model", "pattern", "calib", "nsamples", "seqlen", "seed", "data_dir", "budget", "granularity",
+                    "min_sparsity", "max_sparsity", "level_step")
+        folder = cache / f"levels-{key}"
+        if folder.exists():
+            return LevelDatabase(folder)
+        if self.m:
+            grid = [k / self.m for k in range(self.m) if self.space.low - 1e-9 <= k / self.m <= self.space.high + 1e-9]
+            unit_levels = [grid] * self.space.dim
+        else:
+            unit_levels = [lv.tolist() for lv in self.space.levels(s.level_step)]
+        levels = {name: lv for unit, lv in zip(self.space.members, unit_levels) for name in unit}
+        t = time.perf_counter()
+        db = LevelDatabase.build(self.model, self.lay, levels, self.m, self.calibration_ids(), folder, device,
+                                 batch_size)
+        log.info("built the SparseGPT level database (%d levels per unit at most) in %.1fs",
+                 max(map(len, unit_levels)), time.perf_counter() - t)
+        return db
 
     def allocation(self, x: np.ndarray) -> np.ndarray:
-        """The effective allocation of sampled values: on the budget, inside the bounds, on the N:M grid."""
+        """The effective allocation of sampled values: on the budget, inside the bounds, on the N:M grid (or, for
+        the SparseGPT database, on its level grid)."""
         alloc = self.space.project(x)
-        return self.space.snap(alloc, self.m) if self.m else alloc
+        if self.m:
+            return self.space.snap(alloc, self.m)
+        if self.settings.pruner == "sparsegpt":
+            return self.space.snap_levels(alloc, self.settings.level_step)
+        return alloc
 
     def realize(self, alloc: np.ndarray) -> None:
         self.realizer.apply(self.space.to_targets(alloc))
@@ -186,7 +226,8 @@ def open_study(settings: SearchSettings, out: Path, storage: str | None, study_n
     study = optuna.create_study(study_name=study_name, storage=storage_obj, pruner=pruner, direction="minimize",
                                 load_if_exists=True)
     done = len(study.get_trials(deepcopy=False))
-    study.sampler = make_sampler(settings.sampler, space, settings.seed + 7919 * worker + 104729 * done)
+    step = settings.level_step if settings.pruner == "sparsegpt" else 0.02
+    study.sampler = make_sampler(settings.sampler, space, settings.seed + 7919 * worker + 104729 * done, step)
     return study
 
 
@@ -302,7 +343,7 @@ def _report_ppl(ws: Workspace, allocations: dict[str, np.ndarray], datasets: lis
     from pruners.oneshot import make_pruner, prune_model
 
     s = ws.settings
-    calib = data.calibration_ids(ws.tokenizer, s.calib, s.nsamples, ws.seqlen, s.seed, s.data_dir)
+    calib = ws.calibration_ids()
     streams = {d: data.eval_ids(ws.tokenizer, d, s.data_dir) for d in datasets}
     out: dict[str, dict[str, float]] = {}
     device = next(ws.model.parameters()).device

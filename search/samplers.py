@@ -18,9 +18,9 @@ def param_name(unit: str) -> str:
 class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
     """(1+λ) evolution whose mutations keep the budget: EvoPress's level switch made continuous.
 
-    Each child starts from the best completed allocation and applies 1-3 moves; a move raises one unit's
-    sparsity by ``step`` and lowers another's by ``step·size_a/size_b``, so the number of pruned weights
-    is unchanged and the child meets the budget exactly without projection.
+    Each child starts from the best completed allocation and applies 1-3 moves; a move prunes ``step`` × the
+    mean unit size more weights in one unit and as many fewer in another (one level of the equal-nonzero grid,
+    ``Space.level_steps``), so the child meets the budget exactly without projection.
     """
 
     def __init__(self, space: Space, step: float = 0.02, max_moves: int = 3, seed: int | None = None):
@@ -46,7 +46,7 @@ class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
         for _ in range(self.rng.integers(1, self.max_moves + 1)):
             for _attempt in range(20):
                 a, b = self.rng.choice(self.space.dim, size=2, replace=False)
-                da, db = self.step, self.step * sizes[a] / sizes[b]
+                da, db = self.step * sizes.mean() / sizes[a], self.step * sizes.mean() / sizes[b]
                 if child[a] + da <= hi and child[b] - db >= lo:
                     child[a] += da
                     child[b] -= db
@@ -57,8 +57,9 @@ class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
         return self.fallback.sample_independent(study, trial, param_name, param_distribution)
 
 
-def make_sampler(name: str, space: Space, seed: int) -> optuna.samplers.BaseSampler:
-    """``tpe`` (multivariate), ``qmc`` (scrambled Sobol), ``nsga2``, ``evo`` (budget-neutral evolution)."""
+def make_sampler(name: str, space: Space, seed: int, step: float = 0.02) -> optuna.samplers.BaseSampler:
+    """``tpe`` (multivariate), ``qmc`` (scrambled Sobol), ``nsga2``, ``evo`` (budget-neutral evolution, moving
+    ``step`` × the mean unit size of weights per move)."""
     if name == "tpe":
         return optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=10)
     if name == "qmc":
@@ -66,5 +67,5 @@ def make_sampler(name: str, space: Space, seed: int) -> optuna.samplers.BaseSamp
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
     if name == "evo":
-        return BudgetNeutralEvolution(space, seed=seed)
+        return BudgetNeutralEvolution(space, step=step, seed=seed)
     raise ValueError(f"unknown sampler {name!r}; choose tpe, qmc, nsga2 or evo")

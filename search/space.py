@@ -78,6 +78,40 @@ class Space:
             need -= self.sizes[i]
         return base / m
 
+    def level_steps(self, step: float) -> np.ndarray:
+        """Per-unit sparsity step of the equal-nonzero level grid: one level on any unit is the same number of
+        weights (``step`` × the mean unit size), so one level up on a unit and one down on another keeps the
+        budget (EvoPress's level switch). Equal-size units all get ``step``."""
+        return step * self.sizes.mean() / self.sizes
+
+    def level_range(self, step: float) -> tuple[np.ndarray, np.ndarray]:
+        """Lowest and highest level index k of every unit, level k being ``target + k·δ`` inside the bounds."""
+        delta = self.level_steps(step)
+        return (np.ceil((self.low - self.target) / delta - 1e-9).astype(int),
+                np.floor((self.high - self.target) / delta + 1e-9).astype(int))
+
+    def levels(self, step: float) -> list[np.ndarray]:
+        """Every unit's level sparsities, lowest first."""
+        delta, (kmin, kmax) = self.level_steps(step), self.level_range(step)
+        return [self.target + np.arange(a, b + 1) * d for a, b, d in zip(kmin, kmax, delta)]
+
+    def snap_levels(self, alloc: np.ndarray, step: float) -> np.ndarray:
+        """Round an on-budget allocation to the level grid with the level indices summing to zero, so the
+        pruned-weight count is exactly the budget's; the largest remainders round up, as in apportionment."""
+        delta, (kmin, kmax) = self.level_steps(step), self.level_range(step)
+        k = (np.asarray(alloc, dtype=np.float64) - self.target) / delta
+        base = np.clip(np.floor(k + 1e-9), kmin, kmax).astype(int)
+        rest = k - base
+        while base.sum() < 0:
+            i = max((j for j in range(self.dim) if base[j] < kmax[j]), key=lambda j: rest[j])
+            base[i] += 1
+            rest[i] -= 1
+        while base.sum() > 0:
+            i = min((j for j in range(self.dim) if base[j] > kmin[j]), key=lambda j: rest[j])
+            base[i] -= 1
+            rest[i] += 1
+        return self.target + base * delta
+
     def to_targets(self, alloc: np.ndarray) -> dict[str, float]:
         """Per-projection sparsities for an allocation (every member of a unit gets the unit's value)."""
         return {name: float(v) for unit, v in zip(self.members, alloc) for name in unit}

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import TINY_TEXT, tiny_model
 from pruners.masks import Target, expected_pruned
@@ -138,3 +139,47 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(model_dir, calib_file, 
     with pytest.raises(ValueError, match="different study"):
         _run(_settings(model_dir, calib_file, budget="sparsity=0.5"), out, trials=6)
     assert (out / "trials.parquet").read_bytes() == before
+
+
+def test_sparsegpt_level_database_swaps_in_what_sparsegpt_computes_from_dense_inputs(model_dir, calib_file,
+                                                                                      tmp_path):
+    from prunesearch import data
+    from pruners.oneshot import make_pruner, prune_model
+
+    settings = _settings(model_dir, calib_file, pruner="sparsegpt", level_step=0.1)
+    ws = Workspace(settings, tmp_path / "ws")
+    alloc = ws.allocation(np.array([0.83, 0.37, 0.66, 0.54]))
+    np.testing.assert_allclose(alloc, [0.8, 0.4, 0.7, 0.5])  # on the 0.1 grid, largest remainders rounded up
+    assert ws.space.mean(alloc) == pytest.approx(0.6, abs=1e-12)
+    ws.realize(alloc)
+    realized = {r["name"]: r for r in sparsity_table(ws.model)}
+    searched = {n: m.weight.detach().clone() for n, m in ws.realizer.modules.items()}
+    targets = ws.space.to_targets(alloc)
+    for name, row in realized.items():
+        assert row["actual_sparsity"] == pytest.approx(targets[name], abs=0.01)
+
+    # Block 0 sees the same (dense) inputs in the database and in a sequential one-shot run: identical weights.
+    ws.realize(np.zeros(4))
+    calib = data.calibration_ids(ws.tokenizer, str(calib_file), 4, 32, 0, None)
+    prune_model(ws.model, make_pruner("sparsegpt"), {n: Target(v) for n, v in targets.items()}, calib)
+    for name in ws.lay.projections[0]:
+        torch.testing.assert_close(ws.realizer.modules[name].weight, searched[name], rtol=0, atol=0)
+    assert any(not torch.equal(ws.realizer.modules[n].weight, searched[n]) for n in ws.lay.projections[3])
+
+    reloaded = Workspace(settings, tmp_path / "ws")  # from the on-disk database
+    reloaded.realize(alloc)
+    for name, module in reloaded.realizer.modules.items():
+        assert torch.equal(module.weight, searched[name])
+
+
+def test_search_with_the_sparsegpt_database_runs_seeds_and_stays_on_the_level_grid(model_dir, calib_file,
+                                                                                   tmp_path):
+    out = tmp_path / "run"
+    summary = _run(_settings(model_dir, calib_file, pruner="sparsegpt", level_step=0.1, sampler="evo"), out,
+                   trials=10)
+    frame = pd.read_parquet(out / "trials.parquet")
+    complete = frame[frame.state == "COMPLETE"]
+    assert set(summary["seeds"]) == SEEDS
+    alloc = complete[[f"s[{i}]" for i in range(4)]].to_numpy()
+    np.testing.assert_allclose(alloc / 0.1, np.round(alloc / 0.1), atol=1e-9)
+    np.testing.assert_allclose(alloc.mean(axis=1), 0.6, atol=1e-12)

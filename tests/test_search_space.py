@@ -50,6 +50,27 @@ def test_snap_to_nm_levels_keeps_the_budget_for_equal_blocks():
     assert space.mean(snapped) == pytest.approx(0.5)
 
 
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), n=st.integers(1, 30))
+def test_level_snapping_lands_on_the_grid_and_keeps_the_budget_exactly(data, n):
+    sizes = data.draw(st.lists(st.integers(1, 10**6), min_size=n, max_size=n))
+    low = data.draw(st.floats(0.0, 0.6))
+    high = data.draw(st.floats(low, 0.99))
+    target = data.draw(st.floats(low, high))
+    step = data.draw(st.sampled_from([0.01, 0.025, 0.05]))
+    space = _space(sizes, target, low, high)
+    x = np.array(data.draw(st.lists(st.floats(0.0, 1.0), min_size=n, max_size=n)))
+    s = space.snap_levels(space.project(x), step)
+    delta = space.level_steps(step)
+    k = (s - target) / delta
+    np.testing.assert_allclose(k, np.round(k), atol=1e-6)  # on the grid
+    assert round(k.sum()) == 0  # level indices balance: exactly the budget's pruned-weight count
+    assert abs(space.mean(s) - target) < 1e-9
+    assert np.all(s >= low - 1e-9) and np.all(s <= high + 1e-9)
+    kmin, kmax = space.level_range(step)
+    assert all(len(lv) == b - a + 1 for lv, a, b in zip(space.levels(step), kmin, kmax))
+
+
 def test_seeds_are_labelled_on_budget_and_shaped_as_the_heuristics_say():
     lay = layout(tiny_model("llama", layers=6))
     space = make_space(lay, 0.7, 0.5, 0.9)

@@ -1,0 +1,110 @@
+"""A SparseGPT level database: every projection pruned at every level once, a candidate swaps weights in.
+
+SparseGPT updates the kept weights, so unlike a score-based pruner its result at one sparsity is not a threshold
+of a fixed ranking. As in EvoPress, each projection is pruned at each level of its unit's grid from the *dense*
+model's calibration inputs (one walk, no propagation of pruning), the results are stored on disk one
+safetensors file per block, and a candidate is realized by copying the stored weights in. The same walk
+records OWL's per-block outlier ratios from the Wanda statistics, so the heuristic seeds need no second pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from pruners.masks import Target
+from pruners.registry import ModelLayout, get_weight, set_weight
+from pruners.sparsegpt import prepare, sparsegpt
+from pruners.walker import collect_stats, run_block, walk
+from pruners.wanda import Wanda
+
+log = logging.getLogger("prunesearch.search")
+
+
+def _key(name: str, level: float) -> str:
+    return f"{name}@{level:.8f}"
+
+
+class LevelDatabase:
+    """Pruned weights of every projection at each of its levels, read lazily from per-block files."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        meta = json.loads((self.folder / "levels.json").read_text())
+        self.levels: dict[str, list[float]] = meta["levels"]
+        self.m: int = meta["m"]
+        self.outlier_ratio: list[float] = meta["outlier_ratio"]
+        self.damping: dict[str, float] = meta["damping"]
+        self._files = [safe_open(str(self.folder / f), "pt") for f in meta["files"]]
+        self._file_of = {name: i for i, f in enumerate(meta["files"]) for name in meta["members"][f]}
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: nn.Module, lay: ModelLayout, levels: dict[str, list[float]], m: int,
+              calib_ids: torch.Tensor, folder: Path, device: str = "cpu", batch_size: int = 8,
+              owl_m: float = 5.0, blocksize: int = 128, percdamp: float = 0.01) -> LevelDatabase:
+        """Walk the dense model once; prune each projection at each of its (non-zero) ``levels`` with SparseGPT."""
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".partial")
+        tmp.mkdir(parents=True, exist_ok=True)
+        wanda = Wanda()
+        outliers: list[float] = []
+        damping: dict[str, float] = {}
+        files: list[str] = []
+        members: dict[str, list[str]] = {}
+
+        def visit(i: int, block: nn.Module, batches) -> None:
+            with collect_stats(lay.projections[i], full=True) as stats:
+                run_block(block, batches)
+            tensors, metrics = {}, []
+            for name, module in lay.projections[i].items():
+                w = get_weight(module).float()
+                metrics.append(wanda.score(w, stats[name]).flatten())
+                hessian = stats[name].hessian
+                prepared = prepare(hessian, percdamp)
+                damping[name] = prepared[1]
+                for level in levels[name]:
+                    if level > 0:
+                        pruned = sparsegpt(w, hessian, Target(level, m), blocksize, percdamp, prepared=prepared)[0]
+                        tensors[_key(name, level)] = pruned.to(module.weight.dtype).cpu().contiguous()
+            metric = torch.cat(metrics)
+            outliers.append(100.0 * (metric > owl_m * metric.mean()).float().mean().item())
+            file = f"block-{i:04d}.safetensors"
+            save_file(tensors, str(tmp / file))
+            files.append(file)
+            members[file] = list(lay.projections[i])
+
+        walk(model, calib_ids, visit, device=device, batch_size=batch_size)
+        meta = {"levels": levels, "m": m, "outlier_ratio": outliers, "damping": damping, "files": files,
+                "members": members}
+        (tmp / "levels.json").write_text(json.dumps(meta))
+        tmp.rename(folder)
+        return cls(folder)
+
+    def weight(self, name: str, level: float) -> torch.Tensor:
+        """The stored SparseGPT result of projection ``name`` at ``level`` (which must be one of its levels)."""
+        near = min(self.levels[name], key=lambda v: abs(v - level))
+        if abs(near - level) > 1e-6:
+            raise KeyError(f"{name} has no stored level {level:.6f}; its levels are {self.levels[name]}")
+        return self._files[self._file_of[name]].get_tensor(_key(name, near))
+
+
+class LevelRealizer:
+    """Writes allocations into a model by swapping in stored weights; keeps one copy of the dense weights."""
+
+    def __init__(self, lay: ModelLayout, db: LevelDatabase):
+        self.db = db
+        self.modules = {n: lay.projections[lay.block_of(n)][n] for n in lay.projection_names()}
+        self.dense = {n: get_weight(m).clone() for n, m in self.modules.items()}
+
+    def apply(self, targets: dict[str, float]) -> None:
+        """Set every projection to its stored weight at its target level (dense at 0)."""
+        for name, module in self.modules.items():
+            s = targets.get(name, 0.0)
+            set_weight(module, self.db.weight(name, s) if s > 0 else self.dense[name])
