@@ -25,6 +25,11 @@ from prunesearch.cache import cache_dir
 from prunesearch.data import C4_HELDOUT_DOCS, C4_TRAIN_DOCS, bundled_c4_documents, bundled_wikitext2_test
 from prunesearch.evaluate import perplexity
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: concurrent builds race, and the loser's copy is discarded
+    fcntl = None
+
 DEFAULT_SEED = 0
 DEFAULT_SEQLEN = 256
 NAME = "default-llama-v1"
@@ -57,18 +62,22 @@ def ensure_default_model(seed: int = DEFAULT_SEED, progress: bool = True, steps:
     folder = default_model_dir(seed, steps)
     if (folder / "build_report.json").is_file():
         return folder
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
-    try:
-        _build(tmp, seed, steps or DEFAULT_STEPS, progress)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        if fcntl is not None:  # a concurrent builder waits here, then finds the finished model
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "build_report.json").is_file():
+            return folder
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
         try:
-            tmp.rename(folder)  # replaces the empty placeholder that cache_dir creates
-        except OSError:
-            if not (folder / "build_report.json").is_file():  # not a race lost to a concurrent builder
+            _build(tmp, seed, steps or DEFAULT_STEPS, progress)
+            try:
+                tmp.rename(folder)  # replaces the empty placeholder that cache_dir creates
+            except OSError:
                 raise FileExistsError(f"{folder} holds files but no build_report.json; delete that folder to "
                                       f"rebuild the default model") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
     return folder
 
 

@@ -41,58 +41,89 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, batch_size: int
     return math.exp(window_nll(model, windows(ids, seqlen, limit), batch_size).mean().item())
 
 
-class DenseReference:
-    """The dense model's next-token log-probabilities on fixed tokens, computed once and reused.
+def head_split(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """The network up to the final hidden state and the linear LM head, for models whose logits are head(h)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", None)
+    if not isinstance(head, nn.Linear) or base is None or base is model:
+        return None
+    return base, head
 
-    With ``topk`` only the k most likely tokens per position are kept plus the remaining mass, and the KL is the
-    one between the two distributions coarsened to those k+1 outcomes (a lower bound of the full KL that keeps
-    memory bounded for large vocabularies).
+
+class DenseReference:
+    """The dense model's next-token distribution on fixed tokens, computed once and reused for KL.
+
+    KL(P‖Q) = Σp·log p − Σp·z + logsumexp(z) for the student's logits z. When z = W·h + b is a linear head on the
+    final hidden state h (checked on the first batch), Σp·z = h·(Σp·W) + Σp·b, so the reference keeps only the
+    expected output embedding ē = Σp·W per token (hidden size, not vocabulary size) and the constant
+    Σp·log p − Σp·b: a trial then costs one logsumexp over its own logits and a dot product of hidden size.
+    Otherwise the full log-probabilities are kept. With ``topk`` only the k most likely tokens per position are
+    kept plus the remaining mass, and the KL is the one between the distributions coarsened to those k+1
+    outcomes (a lower bound of the full KL that keeps memory bounded for large vocabularies).
     """
 
-    def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, indices: torch.Tensor | None = None):
+    def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor | None = None, indices: torch.Tensor | None = None,
+                 expected: torch.Tensor | None = None, constant: torch.Tensor | None = None):
         self.ids, self.logprobs, self.indices = ids, logprobs, indices
-        self.probs = logprobs.exp()
-        self.neg_entropy = (self.probs * logprobs).nan_to_num().sum(-1)
+        self.expected, self.constant = expected, constant
+        if logprobs is not None and indices is None:
+            self.probs = logprobs.exp()
+            self.constant = (self.probs * logprobs).nan_to_num().sum(-1)
 
     @classmethod
     @torch.no_grad()
     def compute(cls, model: nn.Module, ids: torch.Tensor, batch_size: int = 8, topk: int | None = None
                 ) -> DenseReference:
         device = next(model.parameters()).device
-        chunks, idx_chunks = [], []
+        split = None if topk else head_split(model)
+        if split is not None:
+            first = ids[:batch_size].to(device)
+            z = split[1](split[0](input_ids=first, use_cache=False).last_hidden_state)
+            if not torch.allclose(z, model(input_ids=first, use_cache=False).logits, rtol=1e-4, atol=1e-4):
+                split = None  # logits are not a plain linear map of the final hidden state (scaling, soft-capping)
+        chunks, indices, expected, constant = [], [], [], []
         for start in range(0, ids.shape[0], batch_size):
-            logp = F.log_softmax(model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
-                                 .logits.float(), dim=-1)
+            batch = ids[start:start + batch_size].to(device)
+            if split is not None:
+                base, head = split
+                h = base(input_ids=batch, use_cache=False).last_hidden_state
+                logp = F.log_softmax(head(h).float(), dim=-1)
+                p = logp.exp()
+                const = (p * logp).nan_to_num().sum(-1)
+                if head.bias is not None:
+                    const = const - p @ head.bias.float()
+                expected.append((p @ head.weight.float()).cpu())
+                constant.append(const.cpu())
+                continue
+            logp = F.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
             if topk:
                 vals, idx = logp.topk(topk, dim=-1)
                 rest = torch.log1p(-vals.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-7))
                 chunks.append(torch.cat([vals, rest], -1).cpu())
-                idx_chunks.append(idx.cpu())
+                indices.append(idx.cpu())
             else:
                 chunks.append(logp.cpu())
-        return cls(ids, torch.cat(chunks), torch.cat(idx_chunks) if topk else None)
+        if split is not None:
+            return cls(ids, expected=torch.cat(expected), constant=torch.cat(constant))
+        return cls(ids, torch.cat(chunks), torch.cat(indices) if topk else None)
 
     def save(self, path: str | Path) -> None:
-        tensors = {"ids": self.ids.contiguous(), "logprobs": self.logprobs.contiguous()}
-        if self.indices is not None:
-            tensors["indices"] = self.indices.contiguous()
-        save_file(tensors, str(path))
+        tensors = {"ids": self.ids, "logprobs": self.logprobs, "indices": self.indices, "expected": self.expected,
+                   "constant": self.constant if self.expected is not None else None}
+        save_file({k: v.contiguous() for k, v in tensors.items() if v is not None}, str(path))
 
     @classmethod
     def load(cls, path: str | Path) -> DenseReference:
         t = load_file(str(path))
-        return cls(t["ids"], t["logprobs"], t.get("indices"))
+        return cls(t["ids"], t.get("logprobs"), t.get("indices"), t.get("expected"), t.get("constant"))
 
     def kl_terms(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        """Per-token KL(P_dense ‖ P_model) for the reference rows ``rows`` given the model's logits on them.
-
-        Full vocabulary: KL = Σp·log p − Σp·z + logsumexp(z), with Σp·log p precomputed, so a trial costs one
-        logsumexp and one dot product over the vocabulary on top of its forward pass.
-        """
+        """Per-token KL(P_dense ‖ P_model) for the reference rows ``rows`` given the model's logits on them
+        (full or top-k reference; the full one uses the precomputed Σp·log p)."""
         z = logits.float()
         if self.indices is None:
             p = self.probs[rows].to(z.device)
-            return self.neg_entropy[rows].to(z.device) - torch.einsum("btv,btv->bt", p, z) + torch.logsumexp(z, dim=-1)
+            return self.constant[rows].to(z.device) - torch.einsum("btv,btv->bt", p, z) + torch.logsumexp(z, dim=-1)
         logq = F.log_softmax(z, dim=-1)
         logp = self.logprobs[rows].to(logq.device)
         q_top = logq.gather(-1, self.indices[rows].to(logq.device))
@@ -100,14 +131,24 @@ class DenseReference:
         logq_k = torch.cat([q_top, q_rest], -1)
         return (logp.exp() * (logp - logq_k)).sum(-1)
 
+    def _batch_terms(self, model: nn.Module, rows: slice, device: torch.device) -> torch.Tensor:
+        batch = self.ids[rows].to(device)
+        if self.expected is None:
+            return self.kl_terms(model(input_ids=batch, use_cache=False).logits, rows)
+        split = head_split(model)
+        if split is None:
+            raise ValueError("this reference needs a model whose logits are a linear head on its final hidden state")
+        h = split[0](input_ids=batch, use_cache=False).last_hidden_state
+        cross = torch.einsum("bth,bth->bt", h.float(), self.expected[rows].to(device))
+        return self.constant[rows].to(device) - cross + torch.logsumexp(split[1](h).float(), dim=-1)
+
     @torch.no_grad()
     def kl_sum(self, model: nn.Module, start: int, stop: int, batch_size: int = 8) -> tuple[float, int]:
         """Sum of per-token KL(P_dense ‖ P_model) over reference sequences [start, stop), and the token count."""
         device = next(model.parameters()).device
         total, count = 0.0, 0
         for lo in range(start, stop, batch_size):
-            rows = slice(lo, min(lo + batch_size, stop))
-            terms = self.kl_terms(model(input_ids=self.ids[rows].to(device), use_cache=False).logits, rows)
+            terms = self._batch_terms(model, slice(lo, min(lo + batch_size, stop)), device)
             total += terms.double().sum().item()
             count += terms.numel()
         return total, count

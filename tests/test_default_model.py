@@ -83,22 +83,42 @@ def test_an_interrupted_build_leaves_nothing_behind(cache, monkeypatch):
     monkeypatch.setattr(dm, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         dm.ensure_default_model(progress=False, steps=QUICK_STEPS)
-    left = list((cache / "models").iterdir())  # only the empty placeholder of the final folder, no temporary
-    assert [p.name for p in left] == [f"default-llama-v1-seed0-steps{QUICK_STEPS}"]
-    assert not any(left[0].iterdir())
+    assert _entries(cache) == [f"default-llama-v1-seed0-steps{QUICK_STEPS}"]  # the empty placeholder, no temporary
+    assert not any(dm.default_model_dir(steps=QUICK_STEPS).iterdir())
 
 
-def test_a_builder_that_loses_the_race_uses_the_winners_model(cache, monkeypatch):
+def _entries(cache) -> list[str]:
+    """What the model cache holds, besides the build lock files."""
+    return sorted(p.name for p in (cache / "models").iterdir() if not p.name.endswith(".lock"))
+
+
+def test_a_concurrent_builder_waits_for_the_first_and_uses_its_model(cache, monkeypatch):
+    import threading
+
     folder = dm.default_model_dir(steps=QUICK_STEPS)
+    started, release, builds = threading.Event(), threading.Event(), []
 
-    def racing_build(tmp, seed, steps, progress):
-        (folder / "build_report.json").write_text('{"winner": true}')  # a concurrent builder lands first
-        (tmp / "build_report.json").write_text('{"winner": false}')
+    def slow_build(tmp, seed, steps, progress):
+        builds.append(tmp)
+        started.set()
+        release.wait(10)
+        (tmp / "build_report.json").write_text('{"builder": %d}' % len(builds))
 
-    monkeypatch.setattr(dm, "_build", racing_build)
-    assert dm.ensure_default_model(progress=False, steps=QUICK_STEPS) == folder
-    assert json.loads((folder / "build_report.json").read_text()) == {"winner": True}
-    assert [p.name for p in (cache / "models").iterdir()] == [folder.name]
+    monkeypatch.setattr(dm, "_build", slow_build)
+    results = []
+    first = threading.Thread(target=lambda: results.append(dm.ensure_default_model(progress=False, steps=QUICK_STEPS)))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: results.append(dm.ensure_default_model(progress=False, steps=QUICK_STEPS)))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # blocked on the build lock, not building a second copy
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert results == [folder, folder] and len(builds) == 1
+    assert json.loads((folder / "build_report.json").read_text()) == {"builder": 1}
+    assert _entries(cache) == [folder.name]
 
 
 def test_a_foreign_folder_is_never_overwritten(cache, monkeypatch):
@@ -108,7 +128,7 @@ def test_a_foreign_folder_is_never_overwritten(cache, monkeypatch):
     with pytest.raises(FileExistsError, match="no build_report.json; delete that folder"):
         dm.ensure_default_model(progress=False, steps=QUICK_STEPS)
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
-    assert [p.name for p in (cache / "models").iterdir()] == [folder.name]
+    assert _entries(cache) == [folder.name]
 
 
 @pytest.mark.slow

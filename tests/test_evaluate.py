@@ -77,3 +77,23 @@ def test_kl_of_a_real_model_to_itself_is_zero_and_grows_with_pruning():
         prune_model(pruned, make_pruner("magnitude"), SparsityConfig.uniform(p).resolve(layout(pruned)))
         kls.append(ref.kl(pruned))
     assert 0 < kls[0] < kls[1]
+
+
+def test_hidden_size_reference_gives_the_full_vocabulary_kl_on_every_family(family, tmp_path):
+    from pruners.oneshot import make_pruner, prune_model
+    from pruners.registry import layout
+    from pruners.targets import SparsityConfig
+
+    dense = tiny_model(family)
+    ids = torch.randint(0, 320, (5, 16), generator=torch.Generator().manual_seed(0))
+    ref = DenseReference.compute(dense, ids, batch_size=2)
+    assert ref.expected is not None and ref.expected.shape == (5, 16, dense.config.hidden_size)
+    full = DenseReference(ids, torch.log_softmax(dense(input_ids=ids).logits.detach().double(), -1).float())
+    student = tiny_model(family)
+    prune_model(student, make_pruner("magnitude"), SparsityConfig.uniform(0.6).resolve(layout(student)))
+    expected = full.kl(student, batch_size=5)
+    assert expected > 1e-3
+    assert ref.kl(student, batch_size=2) == pytest.approx(expected, rel=1e-4)
+    assert ref.kl(dense) == pytest.approx(0.0, abs=1e-5)
+    ref.save(tmp_path / "ref.safetensors")
+    assert DenseReference.load(tmp_path / "ref.safetensors").kl(student) == pytest.approx(expected, rel=1e-4)
