@@ -1,10 +1,12 @@
 """One-shot pruning on the built-in default model: perplexity, pruning cost and evaluation throughput.
 
 For each method and target: WikiText-2 test perplexity (full test stream, the reference protocol at the model's
-seqlen) and pruning wall time divided by one plain forward pass over the same calibration tokens, all measured
-side by side in one run. Writes results/benchmarks/oneshot.{json,md}.
+seqlen), pruning wall time divided by one plain forward pass over the same calibration tokens, and the peak
+memory while pruning (process resident set on CPU, reset before each method; allocated memory on CUDA), all
+measured side by side in one run. Writes results/benchmarks/oneshot.{json,md}.
 
-    python benchmarks/oneshot.py [--model DIR] [--device cpu|cuda] [--nsamples 128] [--out results/benchmarks]
+    python benchmarks/oneshot.py [--model DIR] [--device cpu|cuda] [--nsamples 128] [--methods a,b] \
+        [--out results/benchmarks]
 """
 
 from __future__ import annotations
@@ -21,17 +23,33 @@ from prunesearch import data
 from prunesearch.default_model import DEFAULT_SEQLEN
 from prunesearch.evaluate import perplexity, windows
 from prunesearch.models import load_model
-from pruners.oneshot import global_sparsity, make_pruner, prune_model
+from pruners.oneshot import METHODS, global_sparsity, make_pruner, prune_model
 from pruners.registry import layout
 from pruners.targets import SparsityConfig
 
-TARGETS = [("50%", 0.5, "unstructured"), ("70%", 0.7, "unstructured"), ("2:4", None, "2:4"), ("4:8", None, "4:8")]
-METHODS = ["magnitude", "wanda", "sparsegpt"]
+TARGETS = [("50%", 0.5, "unstructured"), ("60%", 0.6, "unstructured"), ("70%", 0.7, "unstructured"),
+           ("80%", 0.8, "unstructured"), ("2:4", None, "2:4")]
 
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> None:
+    """Start a fresh peak-memory measurement (Linux: VmHWM is reset by writing 5 to clear_refs)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_mib(device: str) -> float:
+    """Peak memory since ``reset_peak``: allocated CUDA memory, or the process's peak resident set on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
 
 
 @torch.no_grad()
@@ -48,6 +66,20 @@ def forward_seconds(model, ids: torch.Tensor, batch_size: int, device: str, repe
     return best
 
 
+def claims(rows: list[dict]) -> list[str]:
+    """The papers' claims (GBLM ≤ Wanda; SparseLLM ≤ SparseGPT at ≥ 70%), stated as measured here."""
+    ppl = {(r["method"], r["target"]): r["ppl"] for r in rows}
+    out = []
+    for better, base, labels in (("gblm", "wanda", [t[0] for t in TARGETS]),
+                                 ("sparsellm", "sparsegpt", ["70%", "80%"])):
+        pairs = [(t, ppl[better, t], ppl[base, t]) for t in labels if (better, t) in ppl and (base, t) in ppl]
+        if pairs:
+            held = [t for t, a, b in pairs if a <= b]
+            out.append(f"- {better} <= {base} at {', '.join(labels)}: holds at {', '.join(held) or 'none'} "
+                       f"(" + "; ".join(f"{t}: {a:.2f} vs {b:.2f}" for t, a, b in pairs) + ")")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
@@ -55,8 +87,10 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--data-dir")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: every method)")
     ap.add_argument("--out", default="results/benchmarks")
     args = ap.parse_args()
+    methods = args.methods.split(",")
 
     model, tok, source = load_model(args.model, args.device, "float32")
     seqlen = DEFAULT_SEQLEN if args.model is None else min(2048, model.config.max_position_embeddings)
@@ -72,20 +106,23 @@ def main() -> None:
     eval_tps = n_eval / (time.perf_counter() - t)
     rows = [{"method": "dense", "target": "-", "ppl": dense_ppl}]
     for label, sparsity, pattern in TARGETS:
-        for method in METHODS:
+        for method in methods:
             model.load_state_dict(dense_state)
             targets = SparsityConfig.uniform(sparsity, pattern).resolve(layout(model))
             _sync(args.device)
+            reset_peak(args.device)
             t = time.perf_counter()
             result = prune_model(model, make_pruner(method), targets, calib if method != "magnitude" else None,
                                  device=args.device, batch_size=args.batch_size)
             _sync(args.device)
             seconds = time.perf_counter() - t
+            peak = peak_mib(args.device)
             ppl = perplexity(model, test, seqlen, args.batch_size)
             rows.append({"method": method, "target": label, "ppl": ppl, "prune_s": seconds,
-                         "prune_over_forward": seconds / fwd, "sparsity": global_sparsity(result["layers"])})
-            print(f"{label:>4} {method:>10} ppl {ppl:9.3f}  prune {seconds:6.2f}s = {seconds / fwd:6.2f} forwards",
-                  flush=True)
+                         "prune_over_forward": seconds / fwd, "peak_mib": peak,
+                         "sparsity": global_sparsity(result["layers"])})
+            print(f"{label:>4} {method:>10} ppl {ppl:9.3f}  prune {seconds:6.2f}s = {seconds / fwd:6.2f} forwards, "
+                  f"peak {peak:,.0f} MiB", flush=True)
     protocol = {"model": source, "ppl_data": data.describe("wikitext2", args.data_dir, "evaluation"), "seqlen": seqlen,
                 "eval_tokens": n_eval, "calib": data.describe("c4", args.data_dir, "calibration"),
                 "nsamples": args.nsamples,
@@ -100,13 +137,15 @@ def main() -> None:
     lines = [f"# One-shot pruning of {Path(source).name} on {args.device}", "",
              f"WikiText-2 test PPL (full stream, {n_eval} tokens, seqlen {seqlen}); calibration {args.nsamples} x "
              f"{seqlen} C4 tokens ({protocol['calib'].get('origin', '')}), seed 0. Prune time is divided by one plain "
-             f"forward pass over the same calibration tokens ({fwd:.3f}s), measured in the same run. "
-             f"Evaluation throughput: {eval_tps:,.0f} tokens/s.", "",
-             f"Dense PPL: {dense_ppl:.3f}", "", "| target | method | PPL | prune s | prune / forward |",
-             "|---|---|---|---|---|"]
+             f"forward pass over the same calibration tokens ({fwd:.3f}s), measured in the same run; peak memory "
+             f"is {'allocated CUDA memory' if args.device.startswith('cuda') else 'the process resident set'} "
+             f"while pruning (model included). Evaluation throughput: {eval_tps:,.0f} tokens/s.", "",
+             f"Dense PPL: {dense_ppl:.3f}", "", "| target | method | PPL | prune s | prune / forward | peak MiB |",
+             "|---|---|---|---|---|---|"]
     for r in rows[1:]:
         lines.append(f"| {r['target']} | {r['method']} | {r['ppl']:.3f} | {r['prune_s']:.2f} | "
-                     f"{r['prune_over_forward']:.2f} |")
+                     f"{r['prune_over_forward']:.2f} | {r['peak_mib']:,.0f} |")
+    lines += ["", "Claims checked on these numbers:"] + claims(rows)
     (out / f"oneshot{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
