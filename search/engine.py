@@ -84,8 +84,8 @@ class Workspace:
         high = settings.max_sparsity if settings.max_sparsity is not None else min(0.99, target + 0.2)
         self.space = make_space(self.lay, target, low, high, settings.granularity)
         self.m = parse_pattern(settings.pattern)
-        if settings.pruner not in ("wanda", "magnitude"):
-            raise ValueError(f"search pruner must be wanda or magnitude (score-based), got {settings.pruner!r}")
+        if settings.pruner not in ("wanda", "magnitude", "gblm"):
+            raise ValueError(f"search pruner must be wanda, magnitude or gblm (score-based), got {settings.pruner!r}")
         if settings.fitness not in ("kl", "ppl"):
             raise ValueError(f"fitness must be kl or ppl, got {settings.fitness!r}")
         if not 0 < settings.low_fidelity_samples <= settings.fitness_samples:
