@@ -7,6 +7,7 @@ import time
 import torch
 from torch import nn
 
+from pruners.gblm import GBLM
 from pruners.magnitude import Magnitude
 from pruners.masks import Target
 from pruners.registry import get_weight, layout, set_weight
@@ -14,7 +15,7 @@ from pruners.sparsegpt import SparseGPT
 from pruners.walker import collect_stats, run_block, walk
 from pruners.wanda import Wanda
 
-METHODS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
+METHODS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT, "gblm": GBLM}
 
 
 def make_pruner(method: str, **options):
@@ -22,6 +23,14 @@ def make_pruner(method: str, **options):
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return METHODS[method](**{k: v for k, v in options.items() if v is not None})
+
+
+def extra_stats(pruner, model: nn.Module, calib_ids: torch.Tensor | None, device: torch.device | str = "cpu"
+                ) -> dict[str, torch.Tensor]:
+    """Per-projection statistics a pruner computes on the whole dense model before the walk (its optional
+    ``extra_stats`` method, e.g. GBLM's gradient norms); every driver hands them over as ``InputStats.extra``."""
+    compute = getattr(pruner, "extra_stats", None)
+    return compute(model, calib_ids, device) if compute is not None else {}
 
 
 def prune_model(model: nn.Module, pruner, targets: dict[str, Target], calib_ids: torch.Tensor | None = None,
@@ -43,10 +52,11 @@ def prune_model(model: nn.Module, pruner, targets: dict[str, Target], calib_ids:
     else:
         if calib_ids is None:
             raise ValueError(f"{pruner.name} needs calibration data")
+        extra = extra_stats(pruner, model, calib_ids, device) if touched else {}
 
         def visit(i: int, block: nn.Module, batches) -> None:
             modules = {n: m for n, m in lay.projections[i].items() if n in touched}
-            with collect_stats(modules, full=pruner.stats == "hessian", dtype=stats_dtype) as stats:
+            with collect_stats(modules, full=pruner.stats == "hessian", dtype=stats_dtype, extra=extra) as stats:
                 run_block(block, batches)
             for name, module in modules.items():
                 set_weight(module, pruner.prune(get_weight(module).float(), stats[name], targets[name]))

@@ -51,9 +51,14 @@ def is_prunable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def linear_layout(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor of ``module`` (its weight, its gradient) in ``nn.Linear`` layout (out x in)."""
+    return tensor.t() if isinstance(module, Conv1D) else tensor
+
+
 def get_weight(module: nn.Module) -> torch.Tensor:
     """The weight in ``nn.Linear`` layout (out x in); GPT-2's ``Conv1D`` stores its transpose."""
-    return module.weight.data.t() if isinstance(module, Conv1D) else module.weight.data
+    return linear_layout(module, module.weight.data)
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ next block's inputs. The model may stay on CPU; only the block being processed v
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -115,13 +115,17 @@ class InputStats:
 
     ``sq`` is the per-input-column sum of x² (Wanda's norm), ``xtx`` the full XᵀX (SparseGPT's Hessian, when
     ``full``), ``nseq`` the number of sequences seen. Sums make the result independent of how sequences are batched.
+    ``extra`` is a weight-shaped statistic the pruner computed beforehand on the whole dense model (GBLM's gradient
+    norms), or None.
     """
 
-    def __init__(self, columns: int, full: bool, dtype: torch.dtype = torch.float32, device=None):
+    def __init__(self, columns: int, full: bool, dtype: torch.dtype = torch.float32, device=None,
+                 extra: torch.Tensor | None = None):
         self.sq = torch.zeros(columns, dtype=dtype, device=device)
         self.xtx = torch.zeros(columns, columns, dtype=dtype, device=device) if full else None
         self.nseq = 0
         self.ntok = 0
+        self.extra = extra
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a batch of inputs shaped (batch, tokens, columns) or (tokens, columns)."""
@@ -147,10 +151,13 @@ class InputStats:
 
 
 @contextmanager
-def collect_stats(modules: dict[str, nn.Module], full: bool, dtype: torch.dtype = torch.float32
-                  ) -> Iterator[dict[str, InputStats]]:
-    """Hook ``modules`` so every forward pass adds its inputs to one ``InputStats`` per module."""
-    stats = {name: InputStats(get_weight(m).shape[1], full, dtype, m.weight.device) for name, m in modules.items()}
+def collect_stats(modules: dict[str, nn.Module], full: bool, dtype: torch.dtype = torch.float32,
+                  extra: Mapping[str, torch.Tensor] | None = None) -> Iterator[dict[str, InputStats]]:
+    """Hook ``modules`` so every forward pass adds its inputs to one ``InputStats`` per module (carrying the
+    module's entry of ``extra``, if any)."""
+    extra = extra or {}
+    stats = {name: InputStats(get_weight(m).shape[1], full, dtype, m.weight.device, extra.get(name))
+             for name, m in modules.items()}
     handles = [m.register_forward_hook(lambda _m, inp, _out, s=stats[name]: s.add(inp[0].detach()))
                for name, m in modules.items()]
     try:

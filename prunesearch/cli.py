@@ -44,12 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune a model one-shot and save a folder that from_pretrained loads.")
     _add_model_options(p)
     _add_calib_options(p)
-    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "gblm"])
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="uniform sparsity in [0, 1)")
     target.add_argument("--config", help="per-layer JSON config (schema in the README)")
     p.add_argument("--pattern", help="unstructured | N:M such as 2:4 or 4:8 (default: unstructured)")
     p.add_argument("--wbits", type=int, help="SparseGPT only: also quantize the kept weights to this many bits")
+    p.add_argument("--gblm-alpha", type=float, help="GBLM only: weight α of the gradient term |W|·G (default: 1, "
+                                                    "the reference's sum with gradients scaled by 100)")
+    p.add_argument("--gblm-norm", choices=["l2", "l1"], help="GBLM only: norm of the gradients over calibration "
+                                                             "sequences (default: l2)")
     p.add_argument("--ppl", help="after pruning, report perplexity on these comma-separated datasets")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -77,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "params=N (nonzero parameters, e.g. 4.5M)")
     p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (layers get k:M levels)")
     p.add_argument("--granularity", default="block", choices=["block", "projection"])
-    p.add_argument("--pruner", default="wanda", choices=["wanda", "magnitude", "sparsegpt"],
-                   help="wanda/magnitude: cached weight ranks; sparsegpt: a level database (default: wanda)")
+    p.add_argument("--pruner", default="wanda", choices=["wanda", "magnitude", "gblm", "sparsegpt"],
+                   help="wanda/magnitude/gblm: cached weight ranks (gblm with its default α and norm); sparsegpt: "
+                        "a level database (default: wanda)")
     p.add_argument("--level-step", type=float, default=0.025,
                    help="sparsegpt only: sparsity step of the level grid on an average-size unit (default: 0.025)")
     p.add_argument("--fitness", default="kl", choices=["kl", "ppl"], help="KL to the dense model (default) or "
@@ -162,6 +167,9 @@ def cmd_prune(args) -> int:
         raise UsageError("--wbits takes 2..8 and only works with --method sparsegpt")
     if args.nsamples < 1:
         raise UsageError("--nsamples must be at least 1")
+    if args.method != "gblm" and (args.gblm_alpha is not None or args.gblm_norm is not None):
+        raise UsageError("--gblm-alpha and --gblm-norm only work with --method gblm")
+    pruner = make_pruner(args.method, wbits=args.wbits, alpha=args.gblm_alpha, norm=args.gblm_norm)
     device = resolve_device(args.device)
     timings = {}
     t = time.perf_counter()
@@ -169,7 +177,6 @@ def cmd_prune(args) -> int:
     timings["load"] = time.perf_counter() - t
     targets = config.resolve(layout(model))
     seqlen = _seqlen(model, args)
-    pruner = make_pruner(args.method, wbits=args.wbits)
     calib = None
     t = time.perf_counter()
     if pruner.stats is not None:
@@ -180,6 +187,7 @@ def cmd_prune(args) -> int:
     timings["prune"] = result["prune_seconds"]
     report = {
         "method": args.method, "model": source, "config": config.to_dict(), "wbits": args.wbits,
+        "method_settings": pruner.settings() if hasattr(pruner, "settings") else None,
         "global_sparsity": global_sparsity(result["layers"]), "layers": result["layers"],
         "protocol": {"calib": data.describe(args.calib, args.data_dir) if calib is not None else None,
                      "nsamples": args.nsamples if calib is not None else 0, "seqlen": seqlen, "seed": args.seed,

@@ -86,8 +86,8 @@ class Workspace:
         high = settings.max_sparsity if settings.max_sparsity is not None else min(0.99, target + 0.2)
         self.space = make_space(self.lay, target, low, high, settings.granularity)
         self.m = parse_pattern(settings.pattern)
-        if settings.pruner not in ("wanda", "magnitude", "sparsegpt"):
-            raise ValueError(f"search pruner must be wanda, magnitude or sparsegpt, got {settings.pruner!r}")
+        if settings.pruner not in ("wanda", "magnitude", "gblm", "sparsegpt"):
+            raise ValueError(f"search pruner must be wanda, magnitude, gblm or sparsegpt, got {settings.pruner!r}")
         if not 0 < settings.level_step < 1:
             raise ValueError(f"level step must be in (0, 1), got {settings.level_step}")
         if settings.fitness not in ("kl", "ppl"):

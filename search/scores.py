@@ -1,6 +1,6 @@
 """Scores computed once, candidates realized in milliseconds.
 
-For a score-based pruner (magnitude, Wanda) the mask at any sparsity is a threshold on a fixed ranking, so the
+For a score-based pruner (magnitude, Wanda, GBLM) the mask at any sparsity is a threshold on a fixed ranking, so the
 search ranks every weight once (on the dense model's calibration inputs, as EvoPress's database uses dense
 upstream inputs) and a candidate becomes ``W_dense · (rank ≥ k)`` per projection plus one forward pass. The
 same walk records OWL's per-block outlier ratios from the Wanda statistics.
@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pruners.masks import Target
-from pruners.oneshot import make_pruner
+from pruners.oneshot import extra_stats, make_pruner
 from pruners.registry import ModelLayout, get_weight, set_weight
 from pruners.walker import collect_stats, run_block, walk
 
@@ -44,13 +44,15 @@ class ScoreCache:
     @torch.no_grad()
     def build(cls, model: nn.Module, lay: ModelLayout, method: str, m: int, calib_ids: torch.Tensor,
               device: str = "cpu", batch_size: int = 8, owl_m: float = 5.0) -> ScoreCache:
-        """Walk the dense model once: Wanda statistics per projection → scores, ranks and outlier ratios."""
+        """Walk the dense model once: Wanda statistics (and the pruner's extra statistics, e.g. GBLM's gradient
+        norms) per projection → scores, ranks and outlier ratios."""
         pruner, wanda = make_pruner(method), make_pruner("wanda")
         ranks: dict[str, torch.Tensor] = {}
         outliers: list[float] = []
+        extra = extra_stats(pruner, model, calib_ids, device)
 
         def visit(i: int, block: nn.Module, batches) -> None:
-            with collect_stats(lay.projections[i], full=False) as stats:
+            with collect_stats(lay.projections[i], full=False, extra=extra) as stats:
                 run_block(block, batches)
             metrics = []
             for name, module in lay.projections[i].items():
