@@ -35,6 +35,25 @@ def _add_calib_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling (default: 0)")
 
 
+def _add_sparsellm_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SparseLLM (--method sparsellm)")
+    g.add_argument("--sparsellm-iters", type=int, help="alternating iterations T per FFN (default: 4; 1 = SparseGPT)")
+    for name in ("alpha", "beta", "gamma"):
+        g.add_argument(f"--sparsellm-{name}", type=float, help=f"objective weight {name} (default: 5)")
+    g.add_argument("--sparsellm-layers", choices=["all", "first-half"],
+                   help="blocks optimized jointly; the others get plain SparseGPT (default: all)")
+
+
+def _method_options(args) -> dict:
+    """The chosen method's own options; SparseLLM's flags with another method are a usage error."""
+    options = {"wbits": args.wbits}
+    sparsellm = {k: getattr(args, f"sparsellm_{k}") for k in ("iters", "alpha", "beta", "gamma", "layers")}
+    given = [f"--sparsellm-{k}" for k, v in sparsellm.items() if v is not None]
+    if given and args.method != "sparsellm":
+        raise UsageError(f"{', '.join(given)} only work with --method sparsellm")
+    return options | sparsellm
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunesearch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"prunesearch {__version__}")
@@ -44,13 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune a model one-shot and save a folder that from_pretrained loads.")
     _add_model_options(p)
     _add_calib_options(p)
-    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "sparsellm"])
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="uniform sparsity in [0, 1)")
     target.add_argument("--config", help="per-layer JSON config (schema in the README)")
     p.add_argument("--pattern", help="unstructured | N:M such as 2:4 or 4:8 (default: unstructured)")
     p.add_argument("--wbits", type=int, help="SparseGPT only: also quantize the kept weights to this many bits")
     p.add_argument("--ppl", help="after pruning, report perplexity on these comma-separated datasets")
+    _add_sparsellm_options(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_prune)
@@ -166,7 +186,7 @@ def cmd_prune(args) -> int:
     timings["load"] = time.perf_counter() - t
     targets = config.resolve(layout(model))
     seqlen = _seqlen(model, args)
-    pruner = make_pruner(args.method, wbits=args.wbits)
+    pruner = make_pruner(args.method, **_method_options(args))
     calib = None
     t = time.perf_counter()
     if pruner.stats is not None:
@@ -183,6 +203,8 @@ def cmd_prune(args) -> int:
                      "device": device, "dtype": str(next(model.parameters()).dtype)},
         "timings_s": timings,
     }
+    if "details" in result:
+        report["method_details"] = result["details"]
     if args.ppl:
         model.to(device)
         report["ppl"] = _perplexities(model, tokenizer, args.ppl.split(","), seqlen, args)
