@@ -105,8 +105,8 @@ def gated_z_update(m: torch.Tensor, gate: torch.Tensor, p: torch.Tensor, alpha: 
     return (alpha * m + gamma * gate * p) / (alpha + gamma * gate * gate)
 
 
-def gate_steps(act: Activation, s: torch.Tensor, m: torch.Tensor, z: torch.Tensor, p: torch.Tensor, alpha: float,
-               gamma: float, lr: float, steps: int) -> torch.Tensor:
+def gate_update(act: Activation, s: torch.Tensor, m: torch.Tensor, z: torch.Tensor, p: torch.Tensor, alpha: float,
+                gamma: float, lr: float, steps: int) -> torch.Tensor:
     """A few gradient steps on α(s − m)² + γ(p − act(s)·z)² element-wise; a step that raises an element's value
     is not taken."""
     def f(x):
@@ -179,7 +179,8 @@ class SparseLLM:
                 raise ValueError(f"SparseLLM {key} must be positive and finite, got {value!r}")
         if layers not in LAYER_SETS:
             raise ValueError(f"SparseLLM layers must be one of {', '.join(LAYER_SETS)}, got {layers!r}")
-        self.iters, self.alpha, self.beta, self.gamma, self.layers = iters, float(alpha), float(beta), float(gamma), layers
+        self.iters, self.layers = iters, layers
+        self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.blocksize, self.percdamp, self.solve_damp = blocksize, percdamp, solve_damp
         self.gate_steps, self.gate_lr, self.chunk_tokens = gate_steps, gate_lr, chunk_tokens
         self._blocks: dict[int, dict] = {}
@@ -346,7 +347,7 @@ class SparseLLM:
                 z = gated_z_update(m_up, act(s), p, alpha, gamma)
                 data["z"][c] = z
                 z = data["z"][c].float()
-                s = gate_steps(act, s, m_gate, z, p, alpha, gamma, self.gate_lr, self.gate_steps)
+                s = gate_update(act, s, m_gate, z, p, alpha, gamma, self.gate_lr, self.gate_steps)
                 data["s"][c] = s
                 products["gate"] = products["gate"] + data["s"][c].float().t() @ x
             else:

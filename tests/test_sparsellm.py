@@ -13,7 +13,7 @@ from prunesearch.cli import main
 from pruners.masks import Target
 from pruners.oneshot import make_pruner, prune_model
 from pruners.registry import get_weight, layout
-from pruners.sparsellm import (SparseLLM, act_fn, gate_steps, gated_z_update, relu_z_update, scalar_z_update)
+from pruners.sparsellm import (SparseLLM, act_fn, gate_update, gated_z_update, relu_z_update, scalar_z_update)
 from pruners.targets import SparsityConfig
 
 
@@ -91,7 +91,7 @@ def test_gated_updates_are_minimizers():
     def g(x):
         return alpha * (x - ms) ** 2 + gamma * (p - act(x) * z) ** 2
 
-    new = gate_steps(act, s, ms, z, p, alpha, gamma, lr=0.05, steps=3)
+    new = gate_update(act, s, ms, z, p, alpha, gamma, lr=0.05, steps=3)
     assert (g(new) <= g(s)).all() and g(new).sum() < 0.9 * g(s).sum()
 
 
