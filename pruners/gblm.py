@@ -156,7 +156,7 @@ class GBLM(Wanda):
         grad = stats.extra.to(weight.device, torch.float32)
         return super().score(weight, stats) + self.alpha * weight.abs().float() * grad
 
-    def settings(self) -> dict:
+    def details(self) -> dict:
         """What a report records about this run: α, norm, scale and the gradient cache file."""
         return {"alpha": self.alpha, "norm": self.norm, "scale": self.scale,
                 "gradient_cache": str(self.cache_file) if self.cache_file else None,

@@ -12,10 +12,11 @@ from pruners.magnitude import Magnitude
 from pruners.masks import Target
 from pruners.registry import get_weight, layout, set_weight
 from pruners.sparsegpt import SparseGPT
+from pruners.sparsellm import SparseLLM
 from pruners.walker import collect_stats, run_block, walk
 from pruners.wanda import Wanda
 
-METHODS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT, "gblm": GBLM}
+METHODS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT, "gblm": GBLM, "sparsellm": SparseLLM}
 
 
 def make_pruner(method: str, **options):
@@ -40,6 +41,8 @@ def prune_model(model: nn.Module, pruner, targets: dict[str, Target], calib_ids:
 
     Data-free pruners (magnitude) prune the weights directly; the others walk the blocks with ``calib_ids``,
     gathering statistics on each dense block and propagating the calibration inputs through pruned blocks.
+    A pruner with ``prune_block(i, block, batches, projections, targets, layout)`` prunes each block's touched
+    projections itself; one with ``details()`` adds what it reports (hyperparameters, diagnostics) to the result.
     """
     lay = layout(model)
     touched = {n for n, t in targets.items() if t.sparsity > 0 or getattr(pruner, "wbits", None)}
@@ -56,13 +59,19 @@ def prune_model(model: nn.Module, pruner, targets: dict[str, Target], calib_ids:
 
         def visit(i: int, block: nn.Module, batches) -> None:
             modules = {n: m for n, m in lay.projections[i].items() if n in touched}
+            if hasattr(pruner, "prune_block"):  # block-level pruners (SparseLLM) optimize projections jointly
+                pruner.prune_block(i, block, batches, modules, targets, lay)
+                return
             with collect_stats(modules, full=pruner.stats == "hessian", dtype=stats_dtype, extra=extra) as stats:
                 run_block(block, batches)
             for name, module in modules.items():
                 set_weight(module, pruner.prune(get_weight(module).float(), stats[name], targets[name]))
 
         walk(model, calib_ids, visit, device=device, batch_size=batch_size)
-    return {"layers": sparsity_table(model, targets), "prune_seconds": time.perf_counter() - start}
+    result = {"layers": sparsity_table(model, targets), "prune_seconds": time.perf_counter() - start}
+    if hasattr(pruner, "details"):
+        result["details"] = pruner.details()
+    return result
 
 
 def sparsity_table(model: nn.Module, targets: dict[str, Target] | None = None) -> list[dict]:

@@ -18,14 +18,28 @@ except ImportError:  # pragma: no cover - very old transformers
 
 
 @dataclass(frozen=True)
+class FFN:
+    """How a block's feed-forward network computes: ``down(act(gate(x)) * up(x))`` if gated, else ``down(act(up(x)))``.
+
+    Names are local to the block; the activation is named by the first of ``act_keys`` the model config sets.
+    """
+
+    up: str
+    down: str
+    gate: str | None = None
+    act_keys: tuple[str, ...] = ("hidden_act",)
+
+
+@dataclass(frozen=True)
 class Family:
-    """Layout of one model family: the dotted path to its block list and the projections of one block."""
+    """Layout of one model family: the dotted path to its block list, the projections of one block, its FFN."""
 
     name: str
     model_types: tuple[str, ...]
     blocks: str
     attention: tuple[str, ...]
     mlp: tuple[str, ...]
+    ffn: FFN | None = None
 
 
 _LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -33,12 +47,15 @@ _GATED_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2",
-                     "granite", "smollm3"), "model.layers", _LLAMA_ATTN, _GATED_MLP),
+                     "granite", "smollm3"), "model.layers", _LLAMA_ATTN, _GATED_MLP,
+           FFN("mlp.up_proj", "mlp.down_proj", "mlp.gate_proj", ("hidden_activation", "hidden_act"))),
     Family("opt", ("opt",), "model.decoder.layers",
-           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"), ("fc1", "fc2")),
-    Family("gpt2", ("gpt2",), "transformer.h", ("attn.c_attn", "attn.c_proj"), ("mlp.c_fc", "mlp.c_proj")),
+           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"), ("fc1", "fc2"),
+           FFN("fc1", "fc2", act_keys=("activation_function",))),
+    Family("gpt2", ("gpt2",), "transformer.h", ("attn.c_attn", "attn.c_proj"), ("mlp.c_fc", "mlp.c_proj"),
+           FFN("mlp.c_fc", "mlp.c_proj", act_keys=("activation_function",))),
     Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers", ("attention.query_key_value", "attention.dense"),
-           ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
+           ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), FFN("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
 )
 
 _GENERIC_BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
@@ -84,6 +101,8 @@ class ModelLayout:
     blocks_path: str
     blocks: nn.ModuleList
     projections: list[dict[str, nn.Module]]
+    ffn: FFN | None = None
+    activation: str | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -107,6 +126,14 @@ class ModelLayout:
         if family is not None:
             return "attention" if local in family.attention else "mlp"
         return "attention" if any(w in local for w in _ATTENTION_WORDS) else "mlp"
+
+    def ffn_names(self, i: int) -> dict[str, str]:
+        """Full names of block ``i``'s FFN projections by role (``up``, ``down``, and ``gate`` when gated)."""
+        if self.ffn is None or self.activation is None:
+            raise ValueError(f"the FFN structure of {self.family!r} models is unknown; describe it with an FFN in "
+                             "its Family in pruners/registry.py")
+        roles = {"up": self.ffn.up, "down": self.ffn.down, "gate": self.ffn.gate}
+        return {role: f"{self.blocks_path}.{i}.{local}" for role, local in roles.items() if local}
 
     def numel(self, name: str) -> int:
         """Number of weights of a projection (what sparsity budgets are weighted by)."""
@@ -141,4 +168,7 @@ def layout(model: nn.Module) -> ModelLayout:
             if not found:
                 raise ValueError(f"cannot walk {type(model).__name__}: block {prefix} has no linear layers")
         projections.append(found)
-    return ModelLayout(family.name if family else "generic", path, blocks, projections)
+    ffn = family.ffn if family else None
+    config = getattr(model, "config", None)
+    activation = next((getattr(config, k) for k in ffn.act_keys if getattr(config, k, None)), None) if ffn else None
+    return ModelLayout(family.name if family else "generic", path, blocks, projections, ffn, activation)

@@ -35,6 +35,26 @@ def _add_calib_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling (default: 0)")
 
 
+def _add_sparsellm_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SparseLLM (--method sparsellm)")
+    g.add_argument("--sparsellm-iters", type=int, help="alternating iterations T per FFN (default: 4; 1 = SparseGPT)")
+    for name in ("alpha", "beta", "gamma"):
+        g.add_argument(f"--sparsellm-{name}", type=float, help=f"objective weight {name} (default: 5)")
+    g.add_argument("--sparsellm-layers", choices=["all", "first-half"],
+                   help="blocks optimized jointly; the others get plain SparseGPT (default: all)")
+
+
+def _method_options(args) -> dict:
+    """The chosen method's own options; another method's flags are a usage error."""
+    own = {"gblm": {"alpha": args.gblm_alpha, "norm": args.gblm_norm},
+           "sparsellm": {k: getattr(args, f"sparsellm_{k}") for k in ("iters", "alpha", "beta", "gamma", "layers")}}
+    for method, options in own.items():
+        given = [f"--{method}-{k}" for k, v in options.items() if v is not None]
+        if given and args.method != method:
+            raise UsageError(f"{', '.join(given)} only work with --method {method}")
+    return {"wbits": args.wbits} | own.get(args.method, {})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunesearch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"prunesearch {__version__}")
@@ -44,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune a model one-shot and save a folder that from_pretrained loads.")
     _add_model_options(p)
     _add_calib_options(p)
-    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "gblm"])
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "gblm", "sparsellm"])
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="uniform sparsity in [0, 1)")
     target.add_argument("--config", help="per-layer JSON config (schema in the README)")
@@ -55,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gblm-norm", choices=["l2", "l1"], help="GBLM only: norm of the gradients over calibration "
                                                              "sequences (default: l2)")
     p.add_argument("--ppl", help="after pruning, report perplexity on these comma-separated datasets")
+    _add_sparsellm_options(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_prune)
@@ -167,9 +188,7 @@ def cmd_prune(args) -> int:
         raise UsageError("--wbits takes 2..8 and only works with --method sparsegpt")
     if args.nsamples < 1:
         raise UsageError("--nsamples must be at least 1")
-    if args.method != "gblm" and (args.gblm_alpha is not None or args.gblm_norm is not None):
-        raise UsageError("--gblm-alpha and --gblm-norm only work with --method gblm")
-    pruner = make_pruner(args.method, wbits=args.wbits, alpha=args.gblm_alpha, norm=args.gblm_norm)
+    pruner = make_pruner(args.method, **_method_options(args))
     device = resolve_device(args.device)
     timings = {}
     t = time.perf_counter()
@@ -187,13 +206,14 @@ def cmd_prune(args) -> int:
     timings["prune"] = result["prune_seconds"]
     report = {
         "method": args.method, "model": source, "config": config.to_dict(), "wbits": args.wbits,
-        "method_settings": pruner.settings() if hasattr(pruner, "settings") else None,
         "global_sparsity": global_sparsity(result["layers"]), "layers": result["layers"],
         "protocol": {"calib": data.describe(args.calib, args.data_dir) if calib is not None else None,
                      "nsamples": args.nsamples if calib is not None else 0, "seqlen": seqlen, "seed": args.seed,
                      "device": device, "dtype": str(next(model.parameters()).dtype)},
         "timings_s": timings,
     }
+    if "details" in result:
+        report["method_details"] = result["details"]
     if args.ppl:
         model.to(device)
         report["ppl"] = _perplexities(model, tokenizer, args.ppl.split(","), seqlen, args)

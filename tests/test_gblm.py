@@ -116,7 +116,7 @@ def test_gradient_cache_reloads_bit_exactly_and_is_hit_by_the_next_run(passes):
     for _ in range(2):
         model, pruner = copy.deepcopy(dense), GBLM()
         prune_model(model, pruner, targets, ids)
-        runs.append((_weights(model), pruner.extra_stats(copy.deepcopy(dense), ids), pruner.settings()))
+        runs.append((_weights(model), pruner.extra_stats(copy.deepcopy(dense), ids), pruner.details()))
     assert passes == [4]  # computed once, then three cache hits
     fresh = gradient_pass(copy.deepcopy(dense), ids)
     for name, g in fresh.items():
@@ -144,7 +144,7 @@ def test_cli_prunes_every_family_to_the_claimed_sparsity(family, pattern, tmp_pa
     argv += ["--sparsity", "0.5"] if pattern == "unstructured" else ["--pattern", pattern]
     assert main(argv) == 0
     report = json.loads((out / "prune_report.json").read_text())
-    settings = report["method_settings"]
+    settings = report["method_details"]
     assert (settings["alpha"], settings["norm"], settings["scale"]) == (2.0, "l1", 100.0)
     assert settings["gradient_cache"].endswith(".safetensors") and settings["gradient_pass_s"] > 0
     pruned, _, _ = load_model(str(out), "cpu")
