@@ -124,8 +124,9 @@ class ASTTrainer:
             for layer in self.layers.values():
                 layer.slorb = SLoRB.from_pruned(layer.dense_weight(), layer.mask, settings.slorb_k,
                                                 settings.slorb_trainable_projection)
-        if settings.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        if settings.gradient_checkpointing:  # renamed in transformers 5
+            enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+            enable()
         model.config.use_cache = False
         self.optimizer = self._optimizer()
         self.step = 0
@@ -139,6 +140,9 @@ class ASTTrainer:
         groups = [{"params": decay, "weight_decay": self.settings.weight_decay},
                   {"params": rest, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=self.settings.lr, betas=(0.9, 0.95))
+
+    def _target_names(self) -> dict[str, str]:
+        return {name: str(layer.target) for name, layer in self.layers.items()}
 
     def slorb_parameters(self) -> int:
         """Parameters SLoRB adds over all layers (0 without SLoRB)."""
@@ -237,6 +241,7 @@ class ASTTrainer:
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         groups = [{k: v for k, v in g.items()} for g in self.optimizer.state_dict()["param_groups"]]
         state = {"format": CHECKPOINT_FORMAT, "step": self.step, "settings": asdict(self.settings),
+                 "targets": self._target_names(),
                  "param_groups": groups, "optimizer_scalars": scalars, "history": self.history}
         (tmp / "state.json").write_text(json.dumps(state))
         old = folder.with_name(folder.name + ".old")
@@ -262,6 +267,8 @@ class ASTTrainer:
         if diff:
             raise ValueError("the checkpoint was made with other settings (saved, now): "
                              + ", ".join(f"{k}={a}→{b}" for k, (a, b) in diff.items()))
+        if state["targets"] != self._target_names():
+            raise ValueError("the checkpoint was made for other per-layer targets (pattern or config)")
         missing, unexpected = load_model(self.student, str(folder / "student.safetensors"), strict=False,
                                          device=str(self.device))
         if missing or unexpected:

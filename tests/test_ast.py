@@ -192,6 +192,16 @@ def test_resume_from_a_checkpoint_reproduces_the_next_steps(family, tmp_path):
         other.load_checkpoint(tmp_path / "ckpt")
 
 
+def test_gradient_checkpointing_and_the_hidden_state_term_train_identically():
+    losses = []
+    for checkpointing in (False, True):
+        model = tiny_model("llama")
+        settings = ASTSettings(steps=2, batch_size=4, a_hidden=1.0, gradient_checkpointing=checkpointing)
+        trainer = ASTTrainer(model, _targets(model), settings, _ids())
+        losses.append([(r["loss"], r["hidden"]) for r in trainer.train(progress=False)])
+    assert losses[0] == losses[1] and losses[0][0][1] > 0
+
+
 def test_learning_rate_warms_up_then_decays_to_min_lr():
     s = ASTSettings(steps=100, lr=1e-3, warmup=0.1)
     assert lr_at(0, s) == pytest.approx(1e-4) and lr_at(9, s) == pytest.approx(1e-3)
