@@ -50,7 +50,7 @@ def save_ast_model(model: nn.Module, tokenizer, slorbs: dict[str, SLoRB], folder
         tensors[f"{name}.weight"] = slorb.weight.detach().cpu().contiguous()
         if slorb.projection is not None:
             tensors[f"{name}.projection"] = slorb.projection.detach().cpu().contiguous()
-        layers[name] = {"rows": slorb.weight.shape[0], "cols": slorb.groups * slorb.k, "groups": slorb.groups}
+        layers[name] = {"rows": slorb.weight.shape[0], "cols": slorb.cols, "groups": slorb.groups}
     first = next(iter(slorbs.values()))
     save_file(tensors, str(folder / SLORB_TENSORS))
     meta = {"format": SLORB_FORMAT, "k": first.k, "trainable_projection": first.projection is not None,

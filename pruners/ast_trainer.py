@@ -204,7 +204,7 @@ class ASTTrainer:
         return {"mask_refresh": True, "flips": flips, "flip_rate": flips / total}
 
     def train(self, checkpoint_dir: str | Path | None = None, save_every: int = 0, progress: bool = True) -> list:
-        """Run until ``settings.steps``; checkpoint every ``save_every`` steps (and at the end) when a folder is given."""
+        """Run to ``settings.steps``; checkpoint every ``save_every`` steps and at the end when a folder is given."""
         bar = tqdm(total=self.settings.steps, initial=self.step, disable=not progress, desc="ast", unit="step")
         last_flip = None
         while self.step < self.settings.steps:

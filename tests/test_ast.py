@@ -128,19 +128,20 @@ def test_kd_loss_equals_manual_computation_with_temperature_squared():
     assert kd_kl(teacher, teacher, T).item() == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("trainable", [False, True])
-def test_slorb_mean_init_restores_the_pruned_contribution_for_groupwise_constant_inputs(trainable):
+@pytest.mark.parametrize("trainable,cols", [(False, 64), (True, 64), (False, 72)])
+def test_slorb_mean_init_restores_the_pruned_contribution_for_groupwise_constant_inputs(trainable, cols):
     torch.manual_seed(0)
-    rows, cols, k = 12, 64, 16
+    rows, k = 12, 16
     linear = torch.nn.Linear(cols, rows)
     layer = SparseLinear(linear, Target(0.5, 4))
     layer.slorb = SLoRB.from_pruned(layer.dense_weight(), layer.mask, k, trainable)
-    x = torch.randn(5, cols // k).repeat_interleave(k, dim=1)  # constant within every group of k columns
+    groups = -(-cols // k)  # 72 columns: four groups of 16 and a last one of 8
+    x = torch.randn(5, groups).repeat_interleave(k, dim=1)[:, :cols]  # constant within every group
     with torch.no_grad():
         assert torch.allclose(layer(x), linear(x), atol=1e-5)
         y = torch.randn(5, cols)  # otherwise it is only an approximation
         assert not torch.allclose(layer(y), linear(y), atol=1e-3)
-    assert layer.slorb.num_parameters() == rows * cols // k + (cols // k * cols if trainable else 0)
+    assert layer.slorb.num_parameters() == rows * groups + (groups * cols if trainable else 0)
 
 
 def _trained(family, slorb_k=16, steps=2):
