@@ -279,6 +279,24 @@ def test_cli_trains_exports_and_the_model_reloads(family, tmp_path, tiny_tokeniz
     assert main(argv + ["--resume"]) == 0  # already at the last step: exports again
 
 
+def test_cli_per_layer_unstructured_config_keeps_each_layers_target(tmp_path, tiny_tokenizer, calib_file):
+    model_dir = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    config = tmp_path / "best_config.json"
+    config.write_text(json.dumps({"sparsity": {"0": 0.25, "model.layers.1.mlp.down_proj": 0.75}, "default": 0.5}))
+    out = tmp_path / "ast"
+    assert main(["ast", "--model", str(model_dir), "--config", str(config), "--steps", "2", "--batch-size", "2",
+                 "--seqlen", "16", "--calib", str(calib_file), "--mask-every", "1", "--kd", "0.5,0.5",
+                 "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    lay = layout(plain)
+    for name in lay.projection_names():
+        w = get_weight(lay.projections[lay.block_of(name)][name])
+        p = 0.25 if lay.block_of(name) == 0 else 0.75 if name.endswith("down_proj") else 0.5
+        assert ((w == 0).sum(1) == int(w.shape[1] * p)).all(), name
+
+
 def test_cli_rejects_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys, calib_file):
     out = tmp_path / "never"
     base = ["ast", "--model", str(tmp_path / "missing"), "--steps", "2", "--out", str(out)]
