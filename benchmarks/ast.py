@@ -185,6 +185,14 @@ def _markdown(rows: list[dict], protocol: dict, args) -> str:
         lines += ["", "Projections only (no embeddings / head): "
                   + "; ".join(f"{r['variant']}: {r['projection_ratio_vs_fp32']:.2f}x with 2:4 metadata, "
                               f"{r['projection_ratio_without_metadata']:.2f}x without" for r in quant[:2]) + "."]
+    ppl = {r["variant"]: r["ppl"] for r in rows}
+    gap_sgpt, gap_wanda = (ppl[f"one-shot {b} 2:4"] - ppl["dense"] for b in ("sparsegpt", "wanda"))
+    lines += ["", f"Reading the gaps: one-shot SparseGPT is {gap_sgpt:.2f} PPL from dense on WikiText-2 here, so "
+              f"fractions against it are ill-conditioned; Wanda's gap ({gap_wanda:.2f} PPL) is the more telling one. "
+              "The small dense model is "
+              "under-trained, so extra C4 tokens help any variant on C4 (naive retraining ends below dense there): "
+              "fractions above 100% include that, and no dense-retraining control was run. Unquantized rows count "
+              "fp32 values plus the 2:4 metadata."]
     slorb = next((r for r in rows if r.get("slorb_params")), None)
     if slorb:
         share = slorb["slorb_params"] / protocol["projection_params"]
