@@ -1,4 +1,4 @@
-"""The ``prunesearch`` command line: prune, eval (and search)."""
+"""The ``prunesearch`` command line: prune, eval, search and ast."""
 
 from __future__ import annotations
 
@@ -126,6 +126,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (re-running the same command resumes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("ast", help="train a sparse model with AST (adaptive masks, SR-STE, distillation, SLoRB)",
+                       description="Adaptive Sparse Trainer: retrain an N:M or per-layer sparse model, distilled "
+                                   "from its dense self, optionally 4-bit quantized; saves a from_pretrained folder.")
+    _add_model_options(p)
+    _add_calib_options(p)
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--sparsity", type=float, help="uniform unstructured sparsity in [0, 1)")
+    target.add_argument("--config", help="per-layer JSON config (prune --config / search best_config.json)")
+    p.add_argument("--pattern", help="N:M such as 2:4 (default) or 4:8, or unstructured")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
+    p.add_argument("--min-lr", type=float, help="final cosine learning rate (default: lr/10)")
+    p.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps (default: 0.05)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 for none (default: 1.0)")
+    p.add_argument("--kd", default="0.33,0.67", help="a_task,a_kl loss weights (default: 0.33,0.67; 1,0 = no KD)")
+    p.add_argument("--kd-hidden", type=float, default=0.0, help="weight of the hidden-state term (default: 0)")
+    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T (default: 2)")
+    p.add_argument("--mask-every", type=int, default=10, help="recompute masks every K steps, 0 = fixed (default: 10)")
+    p.add_argument("--mask-metric", default="magnitude", choices=["magnitude", "wanda"])
+    p.add_argument("--srste-lambda", type=float, default=1e-4, help="final SR-STE decay λ (default: 1e-4)")
+    p.add_argument("--srste-ramp", type=float, default=0.25, help="fraction of training over which λ rises")
+    p.add_argument("--slorb-k", type=int, default=0, help="SLoRB group size k, 0 for none (paper: 16)")
+    p.add_argument("--slorb-trainable-projection", action="store_true", help="also train SLoRB's projection P")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--wbits", type=int, help="quantize the trained weights to this many bits (keeps the pattern)")
+    p.add_argument("--quant", default="gptq", choices=["gptq", "rtn"], help="quantizer for --wbits (default: gptq)")
+    p.add_argument("--group-size", type=int, default=128, help="rtn: input columns per scale (default: 128)")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default: 100)")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint with the same options")
+    p.add_argument("--ppl", help="after training, report perplexity on these comma-separated datasets")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_ast)
     return parser
 
 
@@ -330,6 +367,86 @@ def cmd_search(args) -> int:
                          tuple(d for d in args.report_ppl.split(",") if d), args.report_limit or None, not args.quiet)
     _print_summary(summary, out)
     return 130 if summary.get("interrupted") else 0
+
+
+def cmd_ast(args) -> int:
+    from dataclasses import asdict
+
+    from pruners.ast_export import finalize, save_ast_model
+    from pruners.ast_trainer import ASTSettings, ASTTrainer
+    from pruners.quantize import quantize_model, size_report
+    from pruners.registry import layout
+    from prunesearch import data
+    from prunesearch.models import load_model, resolve_device
+
+    out = Path(args.out)
+    if args.resume:
+        if not (out / "checkpoint" / "state.json").is_file():
+            raise UsageError(f"--resume: no checkpoint in {out / 'checkpoint'}")
+    else:
+        _check_out(args.out, args.overwrite)
+    if not args.config and args.sparsity is None and not args.pattern:
+        args.pattern = "2:4"
+    config = _targets_config(args)
+    try:
+        a_task, a_kl = (float(x) for x in args.kd.split(","))
+    except ValueError:
+        raise UsageError(f"--kd must be two numbers a_task,a_kl such as 0.33,0.67, got {args.kd!r}") from None
+    if args.wbits is not None and not 2 <= args.wbits <= 8:
+        raise UsageError("--wbits takes 2..8")
+    if args.dtype not in ("auto", "float32"):
+        raise UsageError("ast trains float32 master weights (bf16 autocast on GPU); --dtype must be auto or float32")
+    if args.save_every < 0 or args.group_size < 0 or args.nsamples < 1:
+        raise UsageError("--save-every and --group-size must be >= 0, --nsamples >= 1")
+    settings = ASTSettings(
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, min_lr=args.min_lr,
+        warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, a_task=a_task, a_kl=a_kl,
+        a_hidden=args.kd_hidden, temperature=args.temperature, mask_every=args.mask_every,
+        mask_metric=args.mask_metric, srste_lambda=args.srste_lambda, srste_ramp=args.srste_ramp,
+        slorb_k=args.slorb_k, slorb_trainable_projection=args.slorb_trainable_projection,
+        gradient_checkpointing=args.gradient_checkpointing, wanda_samples=args.nsamples)
+    device = resolve_device(args.device)
+    model, tokenizer, source = load_model(args.model, "cpu", "float32")
+    targets = config.resolve(layout(model))
+    seqlen = _seqlen(model, args)
+    train_ids = data.calibration_ids(tokenizer, args.calib, settings.windows, seqlen, args.seed, args.data_dir)
+    trainer = ASTTrainer(model, targets, settings, train_ids, device)
+    if args.resume:
+        trainer.load_checkpoint(out / "checkpoint")
+        _log(f"resuming at step {trainer.step} of {settings.steps}")
+    elif out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _log(f"AST on {source}: {len(trainer.layers)} sparse layers, {settings.windows} C4-train-side windows of "
+         f"{seqlen} tokens, device {device}")
+    t = time.perf_counter()
+    history = trainer.train(out / "checkpoint", args.save_every, not args.quiet)
+    train_s = time.perf_counter() - t
+    slorb_params = trainer.slorb_parameters()
+    slorbs = finalize(model, trainer.layers)
+    trainer.teacher = None
+    report = {
+        "model": source, "config": config.to_dict(), "settings": asdict(settings),
+        "protocol": {"train": data.describe(args.calib, args.data_dir), "seqlen": seqlen, "seed": args.seed,
+                     "windows": settings.windows, "tokens": settings.windows * seqlen, "device": device},
+        "train_seconds_this_run": train_s, "slorb_parameters": slorb_params,
+        "slorb_fraction_of_projections": slorb_params / sum(layout(model).numel(n) for n in targets),
+    }
+    if args.wbits:
+        calib = train_ids[:args.nsamples] if args.quant == "gptq" else None
+        quantize_model(model, targets, args.quant, args.wbits, args.group_size, calib, device, args.batch_size)
+    report["size"] = size_report(model, targets, args.wbits, args.group_size if args.quant == "rtn" else 0,
+                                 slorb_params)
+    report["quantization"] = {"wbits": args.wbits, "method": args.quant} if args.wbits else None
+    if args.ppl:
+        report["ppl"] = _perplexities(model.to(device), tokenizer, args.ppl.split(","), seqlen, args)
+    report["history"] = history
+    save_ast_model(model.to("cpu"), tokenizer, slorbs, out)
+    (out / "ast_report.json").write_text(json.dumps(report, indent=2))
+    last = history[-1] if history else {}
+    print(f"AST done: {trainer.step} steps, last loss {last.get('loss', float('nan')):.4f}; SLoRB parameters "
+          f"{slorb_params}; size vs fp32 {report['size']['model_ratio_vs_fp32']:.2f}x; saved to {out}")
+    return 0
 
 
 def _print_summary(summary: dict, out: Path) -> None:
