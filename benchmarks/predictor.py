@@ -8,7 +8,7 @@
 (b) Kendall τ on held-out pairs vs training pairs (25, 50, 100, 200) for the log, rank and pairwise targets.
 (c) Plots: anytime curves, τ vs pairs, predicted vs measured.
 
-    python benchmarks/predictor.py [--seeds 3] [--trials 100] [--reference 300]
+    PYTHONPATH=. python benchmarks/predictor.py [--seeds 3] [--trials 100] [--reference 300]
 
 Run folders go to --runs (re-running resumes them); curated outputs to results/benchmarks/predictor_*.
 """
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pandas as pd
 
 from predictors.features import SpaceRecord, features, make_spec
@@ -36,7 +37,7 @@ SETTINGS = SearchSettings(budget="sparsity=0.7")
 
 def run(ws: Workspace, out: Path, sampler: str, seed: int, trials: int, guided: bool) -> pd.DataFrame:
     """One search on the shared workspace (resumable); returns its trials frame."""
-    settings = dataclasses.replace(SETTINGS, sampler=sampler)
+    settings = dataclasses.replace(ws.base_settings, sampler=sampler)
     check_run_folder(settings, out)
     ws.settings, ws.out = settings, out
     study = open_study(settings, out, None, "prunesearch", ws.space)
@@ -49,7 +50,8 @@ def run(ws: Workspace, out: Path, sampler: str, seed: int, trials: int, guided: 
         _optimize(study, ws, trials, None, False)
     finish(study, ws, out, (), None)
     frame = pd.read_parquet(out / "trials.parquet")
-    print(f"{out.name}: best {frame.fitness.min():.5f} in {time.perf_counter() - t:.0f}s", flush=True)
+    best = frame.fitness[frame.state == "COMPLETE"].min()
+    print(f"{out.name}: best {best:.5f} in {time.perf_counter() - t:.0f}s", flush=True)
     return frame
 
 
@@ -86,10 +88,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="training draws per pair count in (b)")
     ap.add_argument("--runs", default="results/bench_predictor")
     ap.add_argument("--out", default="results/benchmarks")
+    ap.add_argument("--model", help="another model (default: the built-in one)")
+    ap.add_argument("--seqlen", type=int)
     args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ws = Workspace(SETTINGS, runs / "workspace")
+    settings = dataclasses.replace(SETTINGS, model=args.model, seqlen=args.seqlen)
+    ws = Workspace(settings, runs / "workspace")
+    ws.base_settings = settings
     frames = {"reference": run(ws, runs / "reference-tpe", "tpe", 99, args.reference, False)}
     for seed in range(args.seeds):
         for name in args.samplers.split(","):
@@ -105,7 +112,8 @@ def main() -> None:
         n, best = evaluations_to(frame, threshold)
         full = frame[frame.state.isin(["COMPLETE", "PRUNED"])]
         rows.append({"sampler": name, "seed": int(seed), "evaluations_to_1pct": n, "best": float(best[-1]),
-                     "best_at_25": float(best[24]), "best_at_50": float(best[49]), "trials": len(full),
+                     "best_at_25": float(best[min(25, len(best)) - 1]),
+                     "best_at_50": float(best[min(50, len(best)) - 1]), "trials": len(full),
                      "pruned": int((full.state == "PRUNED").sum()), "wall_s": float(full.wall_s.sum())})
         curves.append(pd.DataFrame({"sampler": name, "seed": int(seed), "evaluations": np.arange(1, len(best) + 1),
                                     "best": best}))
@@ -145,7 +153,7 @@ def main() -> None:
              "| sampler | evaluations to 1% (median) | seeds reached | best KL @25 | best KL @50 | "
              f"best KL @{args.trials} | search wall s (median) |", "|---|---|---|---|---|---|---|"]
     for name, r in med.iterrows():
-        lines.append(f"| {name} | {r.evaluations_to_1pct:g} | {r.reached}/{args.seeds} | {r.best_at_25:.5f} | "
+        lines.append(f"| {name} | {r.evaluations_to_1pct:g} | {int(r.reached)}/{args.seeds} | {r.best_at_25:.5f} | "
                      f"{r.best_at_50:.5f} | {r.best:.5f} | {r.wall_s:.0f} |")
     base = med.drop(index="guided", errors="ignore").evaluations_to_1pct.min()
     if "guided" in med.index:
