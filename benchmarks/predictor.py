@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pandas as pd
+import torch
 
 from predictors.features import SpaceRecord, features, make_spec
 from predictors.metrics import ranking_metrics
@@ -90,10 +91,12 @@ def main() -> None:
     ap.add_argument("--out", default="results/benchmarks")
     ap.add_argument("--model", help="another model (default: the built-in one)")
     ap.add_argument("--seqlen", type=int)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     ap.add_argument("--fitness-samples", type=int, default=32)
     ap.add_argument("--low-fidelity-samples", type=int, default=8)
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_num_threads(args.threads)
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = dataclasses.replace(SETTINGS, model=args.model, seqlen=args.seqlen,
@@ -156,7 +159,7 @@ def main() -> None:
              f"## (a) Evaluations to reach within 1% of the reference best (KL ≤ {threshold:.5f})", "",
              f"Reference: TPE, {args.reference} trials, best KL {ref_best:.5f}. {args.seeds} sampler seeds × "
              f"{args.trials} trials per sampler; median over seeds (inf = not reached within {args.trials}). "
-             "Guided = warm-up of the 5 heuristic seeds + 11 Sobol points, then rounds of: fit an 8-member "
+             "Guided = warm-up of the 5 heuristic seeds + 7 Sobol points, then rounds of: fit an 8-member "
              "bootstrap XGBoost ensemble, narrow bounds from 10,000 screened points, screen 32 TPE asks + the "
              "8 best screened points by mean − 1·std, measure the best 4.", "",
              "| sampler | evaluations to 1% (median) | seeds reached | evaluations to 5% (median) | best KL @25 | "

@@ -3,10 +3,11 @@
 After a warm-up of measured allocations (the heuristic seeds plus scrambled-Sobol points), every round
 
 1. fits the predictor on all completed trials (features of the effective allocation → fitness);
-2. screens ``screen`` random points of the current per-unit bounds, projected onto the budget, and narrows each
-   unit's bounds to where the predicted best ``quantile`` of them lie, widening insensitive units (rank
-   correlation with the prediction below ``insensitive`` × the strongest) back to the full range and always
-   keeping the incumbent best inside;
+2. screens random points of the current per-unit bounds, projected onto the budget, and narrows each unit's
+   bounds to where the predicted best ``quantile`` of them lie (their ``spread``…1−``spread`` percentiles),
+   widening insensitive units (rank correlation with the prediction below ``insensitive`` × the strongest)
+   back to the full range and always keeping the incumbent best inside; optionally a ``local`` share of the
+   ``screen`` points are perturbations of the best measured allocations inside the new bounds;
 3. asks ``batch`` candidates of the run's Optuna sampler in the narrowed space (on a throw-away copy of the
    study) plus the ``screen_top`` best screened points, and scores all by the lower confidence bound
    mean − κ·std (fitness is minimized);
@@ -45,12 +46,14 @@ ROUNDS_FILE = "predictor_rounds.jsonl"
 class GuideConfig:
     """Knobs of the guided loop; the defaults are what ``prunesearch search --predictor on`` uses."""
 
-    warmup: int = 16
+    warmup: int = 12
     batch: int = 32
     screen: int = 10000
     screen_top: int = 8
     measure: int = 4
     quantile: float = 0.1
+    spread: float = 0.0
+    local: float = 0.0
     kappa: float = 1.0
     insensitive: float = 0.25
     margin: float = 0.1
@@ -85,15 +88,16 @@ def project_batch(space: Space, x: np.ndarray, iters: int = 60) -> np.ndarray:
 
 
 def narrow(space: Space, allocs: np.ndarray, predicted: np.ndarray, incumbent: np.ndarray,
-           quantile: float = 0.1, insensitive: float = 0.25, margin: float = 0.1, min_width: float = 0.02
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """New per-unit bounds (low, high) from screened allocations and their predicted fitness, and each unit's
-    sensitivity (|Spearman ρ| between its sparsity and the prediction). Never excludes ``incumbent``."""
+           quantile: float = 0.1, insensitive: float = 0.25, margin: float = 0.1, min_width: float = 0.02,
+           spread: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """New per-unit bounds (low, high): the ``spread``…1−``spread`` percentiles of the predicted best ``quantile``
+    of screened allocations, padded by ``margin`` of their width; plus each unit's sensitivity (|Spearman ρ|
+    between its sparsity and the prediction). Never excludes ``incumbent``."""
     from scipy.stats import rankdata
 
     k = max(2, int(np.ceil(quantile * len(predicted))))
     top = allocs[np.argsort(predicted, kind="stable")[:k]]
-    low, high = top.min(axis=0), top.max(axis=0)
+    low, high = np.quantile(top, spread, axis=0), np.quantile(top, 1.0 - spread, axis=0)
     pad = margin * (high - low)
     low, high = low - pad, high + pad
     short = (high - low) < min_width
@@ -192,11 +196,16 @@ class Guide:
                 cv = (cross_validate(cfg.predictor(r, members=1), X, y, k=3, seed=r)[0]
                       if own and len(y) >= 6 else None)
                 rng = np.random.default_rng([self.seed, r])
-                screened = project_batch(space, rng.uniform(low, high, size=(cfg.screen, space.dim)))
+                n_local = int(cfg.local * cfg.screen)
+                screened = project_batch(space, rng.uniform(low, high, size=(cfg.screen - n_local, space.dim)))
                 mean, std = model.predict(features(screened, rec, spec), return_std=True)
                 incumbent = allocs[int(np.argmin(y))]
                 low, high, sens = narrow(space, screened, mean, incumbent, cfg.quantile, cfg.insensitive,
-                                         cfg.margin, cfg.min_width)
+                                         cfg.margin, cfg.min_width, cfg.spread)
+                near = self._local(rng, allocs[np.argsort(y)[:3]], low, high, n_local)
+                n_mean, n_std = model.predict(features(near, rec, spec), return_std=True)
+                screened = np.concatenate([screened, near])
+                mean, std = np.concatenate([mean, n_mean]), np.concatenate([std, n_std])
                 xs, sources = self._candidates(low, high, r, screened, mean - cfg.kappa * std)
                 cand = np.array([ws.allocation(x) for x in xs])
                 c_mean, c_std = model.predict(features(cand, rec, spec), return_std=True)
@@ -216,7 +225,8 @@ class Guide:
                                 if lo_ <= space.low and hi_ >= space.high],
                     "incumbent": {"trial": done[int(np.argmin(y))].number, "fitness": float(y.min()),
                                   "inside_bounds": bool(np.all((incumbent >= low) & (incumbent <= high)))},
-                    "screened": {"narrowing_samples": cfg.screen, "sampler_candidates": int(sum(
+                    "screened": {"narrowing_samples": cfg.screen - n_local, "local_samples": n_local,
+                                 "sampler_candidates": int(sum(
                         s == ws.settings.sampler for s in sources)), "screen_candidates": int(sum(
                             s == "screen" for s in sources)), "measured": len(chosen),
                         "screened_out": int(len(xs) - len(chosen))},
@@ -275,6 +285,15 @@ class Guide:
             self.study.enqueue_trial({param_name(n): float(v) for n, v in zip(space.units, x)},
                                      user_attrs={"guide": "warmup"})
         self._measure_queue()
+
+    def _local(self, rng: np.random.Generator, best: np.ndarray, low: np.ndarray, high: np.ndarray, n: int
+               ) -> np.ndarray:
+        """``n`` on-budget perturbations of the best measured allocations (σ = a tenth of each unit's bounds)."""
+        if n == 0:
+            return np.empty((0, self.ws.space.dim))
+        centres = best[rng.integers(0, len(best), n)]
+        x = np.clip(centres + rng.normal(size=centres.shape) * 0.1 * (high - low), low, high)
+        return project_batch(self.ws.space, x)
 
     def _candidates(self, low: np.ndarray, high: np.ndarray, r: int, screened: np.ndarray, score: np.ndarray
                     ) -> tuple[np.ndarray, list[str]]:
