@@ -15,7 +15,7 @@ from predictors.features import SpaceRecord, depth_weights, features, make_spec
 from predictors.metrics import cross_validate, ranking_metrics, top_precision
 from predictors.model import FitnessPredictor
 from prunesearch.cli import main
-from search.engine import SearchSettings, run_search
+from search.engine import SearchSettings, Workspace, run_search
 from search.guided import Guide, GuideConfig, narrow, project_batch
 from search.space import Space
 
@@ -218,7 +218,22 @@ def test_guided_run_writes_rounds_and_measures_fewer_than_it_screens(guided_runs
 def test_guided_run_resumes(model_dir, calib_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
     settings = _settings(model_dir, calib_file)
-    _guided(settings, out, 11)
+    calls = {"n": 0}
+    original = Workspace.objective
+
+    def flaky(self, trial):
+        calls["n"] += 1
+        if calls["n"] == 10:  # the second pick of round 0
+            raise KeyboardInterrupt
+        return original(self, trial)
+
+    monkeypatch.setattr(Workspace, "objective", flaky)
+    assert _guided(settings, out, 11)["interrupted"]
+    monkeypatch.setattr(Workspace, "objective", original)
+    assert len(pd.read_parquet(out / "trials.parquet").query("state == 'COMPLETE'")) == 9
+    _guided(settings, out, 11)  # measures round 0's queued third pick, then one pick of round 1
+    resumed = [json.loads(line) for line in (out / "predictor_rounds.jsonl").read_text().splitlines()]
+    assert [r["screened"]["measured"] for r in resumed] == [3, 1]
     first = pd.read_parquet(out / "trials.parquet")
     rounds_before = (out / "predictor_rounds.jsonl").read_text().splitlines()
     _guided(settings, out, 17)
@@ -228,7 +243,7 @@ def test_guided_run_resumes(model_dir, calib_file, tmp_path, monkeypatch):
     assert rounds_after[: len(rounds_before)] == rounds_before and len(rounds_after) == len(rounds_before) + 2
     merged = first.merge(second, on="number", suffixes=("_a", "_b"))
     assert len(merged) == len(first)
-    np.testing.assert_array_equal(merged.fitness_a, merged.fitness_b)  # kept, not redone
+    np.testing.assert_array_equal(merged.fitness_a.fillna(-1), merged.fitness_b.fillna(-1))  # kept, not redone
     assert (second.guide == "warmup").sum() == 3
     xs = second[[c for c in second.columns if c.startswith("x[")]].round(12)
     assert not xs.duplicated().any()
