@@ -17,6 +17,7 @@ import math
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,7 +320,8 @@ def _report_ppl(ws: Workspace, allocations: dict[str, np.ndarray], datasets: lis
 def run_search(settings: SearchSettings, out: Path, trials: int | None = None, time_budget: float | None = None,
                workers: int = 1, storage: str | None = None, study_name: str = "prunesearch",
                device: str = "cpu", batch_size: int = 8, report_ppl: tuple[str, ...] = ("wikitext2",),
-               report_limit: int | None = None, progress: bool = True, guide=None) -> dict:
+               report_limit: int | None = None, progress: bool = True,
+               guide: Callable[..., None] | None = None) -> dict:
     """Run (or resume) a search; writes trials.parquet, best_config.json and report.json into ``out``.
 
     ``guide`` replaces the plain optimize loop of this process (same arguments as ``_optimize``), e.g. the

@@ -317,3 +317,5 @@ def test_bad_predictor_input_is_a_clear_error(guided_runs, tmp_path, capsys):
     assert "feature spec mismatch" in error(["predictor", "evaluate", "--predictor", str(bad), "--on", str(a)])
     assert "different budget kinds" in error(["predictor", "evaluate", "--predictor", str(a / "predictor"),
                                               "--on", str(c)])
+    assert "--predictor-init needs --predictor on" in error(["search", "--predictor", "off", "--predictor-init",
+                                                             str(a / "predictor"), "--out", str(tmp_path / "s")])
