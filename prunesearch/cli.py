@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many windows per report dataset (default: 256; 0 for all)")
     p.add_argument("--out", required=True, help="run folder (re-running the same command resumes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--predictor", default="on", choices=["on", "off"],
+                   help="prune the search space with a boosted-tree accuracy predictor (default: on); rounds are "
+                        "logged to --out/predictor_rounds.jsonl and the final predictor saved in --out/predictor")
+    p.add_argument("--predictor-init", help="warm-start from a predictor folder (`prunesearch predictor retrain`)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("ast", help="train a sparse model with AST (adaptive masks, SR-STE, distillation, SLoRB)",
@@ -163,6 +167,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ast)
+
+    p = sub.add_parser("predictor", help="retrain or evaluate the accuracy predictor on measured search pairs",
+                       description="Train the fitness predictor on the pairs of finished runs, or score one.")
+    psub = p.add_subparsers(dest="predictor_command", required=True)
+    r = psub.add_parser("retrain", help="train on the completed trials of runs (and extra pairs); print metrics")
+    r.add_argument("--from", dest="runs", action="append", default=[], metavar="RUN", help="search run folder "
+                                                                                          "(repeatable)")
+    r.add_argument("--pairs", action="append", default=[], help="extra pairs: a features parquet as written by "
+                                                                "--export-pairs (repeatable)")
+    r.add_argument("--out", required=True, help="predictor folder to write")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    r.add_argument("--allow-mixed", action="store_true", help="pool pairs of different models or budget kinds")
+    r.add_argument("--target", default="log", choices=["log", "rank"], help="learned target (default: log)")
+    r.add_argument("--objective", default="regression", choices=["regression", "pairwise"])
+    r.add_argument("--members", type=int, default=8, help="bootstrap ensemble members (default: 8)")
+    r.add_argument("--folds", type=int, default=5, help="K of the K-fold metrics (default: 5)")
+    r.add_argument("--depth-bins", type=int, default=8, help="relative-depth bins of the features (default: 8)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--compare", action="store_true", help="also cross-validate the other targets/objectives")
+    r.add_argument("--export-pairs", help="also write the pooled feature pairs to this parquet file")
+    r.set_defaults(func=cmd_predictor_retrain)
+    e = psub.add_parser("evaluate", help="score a saved predictor on the completed trials of a run")
+    e.add_argument("--predictor", required=True, help="predictor folder")
+    e.add_argument("--on", required=True, help="search run folder")
+    e.add_argument("--allow-mixed", action="store_true", help="score on a run of another model or budget kind")
+    e.set_defaults(func=cmd_predictor_evaluate)
     return parser
 
 
@@ -362,9 +392,17 @@ def cmd_search(args) -> int:
     )
     time_budget = parse_duration(args.time_budget) if args.time_budget else None
     out = Path(args.out)
+    guide = None
+    if args.predictor == "on":
+        from search.guided import Guide, GuideConfig
+
+        guide = Guide(GuideConfig(init=args.predictor_init))
+    elif args.predictor_init:
+        raise UsageError("--predictor-init needs --predictor on")
     summary = run_search(settings, out, args.trials, time_budget, args.workers, args.storage, args.study,
                          resolve_device(args.device), args.batch_size,
-                         tuple(d for d in args.report_ppl.split(",") if d), args.report_limit or None, not args.quiet)
+                         tuple(d for d in args.report_ppl.split(",") if d), args.report_limit or None, not args.quiet,
+                         guide)
     _print_summary(summary, out)
     return 130 if summary.get("interrupted") else 0
 
@@ -464,6 +502,75 @@ def _print_summary(summary: dict, out: Path) -> None:
     print(f"best ({summary['best']['label']}, trial {summary['best']['trial']}): {alloc}")
     print(f"{summary['trials']} trials ({summary['pruned']} stopped early at low fidelity), "
           f"median trial {summary['median_trial_s']:.2f}s; results in {out}")
+
+
+def _print_metrics(rows: dict[str, dict]) -> None:
+    print(f"{'predictor':<22} {'pairs':>6} {'kendall_tau':>12} {'spearman':>9} {'rmse':>11} {'top10_prec':>10}")
+    for name, m in rows.items():
+        print(f"{name:<22} {m['n']:>6} {m['kendall_tau']:>12.4f} {m['spearman']:>9.4f} {m['rmse']:>11.4g} "
+              f"{m['top10_precision']:>10.3f}")
+
+
+def cmd_predictor_retrain(args) -> int:
+    from predictors.features import make_spec
+    from predictors.metrics import cross_validate
+    from predictors.model import FitnessPredictor, data_hash
+    from predictors.pairs import combine, file_pairs, run_pairs
+
+    out = _check_out(args.out, args.overwrite)
+    if args.folds < 2:
+        raise UsageError("--folds must be at least 2")
+    spec = make_spec(args.depth_bins)
+    pairs = combine([run_pairs(Path(r), spec) for r in args.runs] + [file_pairs(Path(p), spec) for p in args.pairs],
+                    args.allow_mixed)
+    model = FitnessPredictor(n_members=args.members, target=args.target, objective=args.objective,
+                             random_state=args.seed)
+    variants = {f"{args.target}/{args.objective}": model}
+    if args.compare:
+        for target, objective in (("log", "regression"), ("rank", "regression"), ("log", "pairwise")):
+            variants.setdefault(f"{target}/{objective}", FitnessPredictor(
+                n_members=args.members, target=target, objective=objective, random_state=args.seed))
+    rows = {f"{name} ({args.folds}-fold)": cross_validate(m, pairs.X, pairs.y, args.folds, args.seed)[0]
+            for name, m in variants.items()}
+    metrics = next(iter(rows.values()))
+    model.fit(pairs.X, pairs.y)
+    training = {"runs": [str(r) for r in args.runs], "pairs_files": [str(p) for p in args.pairs],
+                "pairs": len(pairs), "hash": data_hash(pairs.X, pairs.y), "models": sorted(set(pairs.model)),
+                "budgets": sorted(set(pairs.budget)), "fitness_kind": pairs.fitness_kind[0]}
+    if out.exists():
+        shutil.rmtree(out)
+    model.save(out, spec, training, metrics)
+    if args.export_pairs:
+        pairs.to_frame(spec).to_parquet(args.export_pairs, index=False)
+    _print_metrics(rows)
+    print(f"trained on {len(pairs)} pairs from {len(args.runs)} run(s) and {len(args.pairs)} pairs file(s); "
+          f"saved to {out}")
+    return 0
+
+
+def cmd_predictor_evaluate(args) -> int:
+    from predictors.features import check_spec, make_spec
+    from predictors.metrics import ranking_metrics
+    from predictors.model import FitnessPredictor
+    from predictors.pairs import check_compatible, run_pairs
+
+    model, meta = FitnessPredictor.load(Path(args.predictor))
+    spec = meta["feature_spec"]
+    check_spec(make_spec(spec.get("depth_bins", 0)), spec)
+    pairs = run_pairs(Path(args.on), spec)
+    training = meta.get("training", {})
+    if training.get("fitness_kind") and training["fitness_kind"] != pairs.fitness_kind[0]:
+        raise UsageError(f"the predictor learned {training['fitness_kind']} fitness, {args.on} measures "
+                         f"{pairs.fitness_kind[0]}")
+    models = training.get("models") or [training.get("model")]
+    budgets = training.get("budgets") or [training.get("budget")]
+    if len(models) == 1 and len(budgets) == 1 and models[0] and budgets[0]:
+        check_compatible(pairs, args.allow_mixed, {"model": models[0], "budget": budgets[0]})
+    metrics = ranking_metrics(pairs.y, model.predict(pairs.X))
+    _print_metrics({"held-out run": metrics})
+    if str(Path(args.on)) in {str(Path(r)) for r in training.get("runs", [])}:
+        print(f"note: {args.on} was part of this predictor's training data; these are not held-out numbers")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

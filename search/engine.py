@@ -17,6 +17,7 @@ import math
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,9 +199,9 @@ class Workspace:
         alloc = self.allocation(x)
         trial.set_user_attr("allocation", alloc.tolist())
         trial.set_user_attr("budget_sparsity", self.space.mean(alloc))
-        seeded = "seed" in trial.user_attrs
+        full = "seed" in trial.user_attrs or "guide" in trial.user_attrs  # seeds and predictor-chosen trials
         try:
-            result = self.measure(alloc, None if seeded else trial)
+            result = self.measure(alloc, None if full else trial)
         finally:
             trial.set_user_attr("wall_s", time.perf_counter() - t)
         trial.set_user_attr("fitness_low", result["fitness_low"])
@@ -322,6 +323,7 @@ def trials_frame(study: optuna.Study, ws: Workspace):
     rows = []
     for t in study.get_trials(deepcopy=False):
         row = {"number": t.number, "state": t.state.name, "label": t.user_attrs.get("seed", s.sampler),
+               "guide": t.user_attrs.get("guide"),
                "fitness": t.value, "fitness_low": t.user_attrs.get("fitness_low", t.intermediate_values.get(0)),
                "wall_s": t.user_attrs.get("wall_s"), "budget_sparsity": t.user_attrs.get("budget_sparsity"),
                "start": t.datetime_start}
@@ -359,8 +361,12 @@ def _report_ppl(ws: Workspace, allocations: dict[str, np.ndarray], datasets: lis
 def run_search(settings: SearchSettings, out: Path, trials: int | None = None, time_budget: float | None = None,
                workers: int = 1, storage: str | None = None, study_name: str = "prunesearch",
                device: str = "cpu", batch_size: int = 8, report_ppl: tuple[str, ...] = ("wikitext2",),
-               report_limit: int | None = None, progress: bool = True) -> dict:
-    """Run (or resume) a search; writes trials.parquet, best_config.json and report.json into ``out``."""
+               report_limit: int | None = None, progress: bool = True,
+               guide: Callable[..., None] | None = None) -> dict:
+    """Run (or resume) a search; writes trials.parquet, best_config.json and report.json into ``out``.
+
+    ``guide`` replaces the plain optimize loop of this process (same arguments as ``_optimize``), e.g. the
+    predictor-guided loop of ``search.guided.Guide``; extra workers still run the plain sampler."""
     if trials is None and time_budget is None:
         trials = 100
     if workers < 1:
@@ -389,7 +395,7 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
                 p.start()
                 procs.append(p)
         try:
-            _optimize(study, ws, trials, deadline, progress)
+            (guide or _optimize)(study, ws, trials, deadline, progress)
         except KeyboardInterrupt:
             interrupted = True
             for p in procs:
@@ -406,8 +412,11 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
 def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str, ...], report_limit: int | None,
            interrupted: bool = False) -> dict:
     """Write the results folder and return the summary: best found against every heuristic seed."""
+    from predictors.features import SpaceRecord
+
     frame = trials_frame(study, ws)
     frame.to_parquet(out / "trials.parquet", index=False)
+    SpaceRecord.from_workspace(ws).save(out / "space.json")
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not complete:
         return {"trials": len(frame), "best": None, "interrupted": interrupted}

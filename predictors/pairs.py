@@ -1,0 +1,109 @@
+"""Measured (allocation, fitness) pairs from search runs, as feature matrices a predictor trains or is scored on.
+
+A run folder holds ``trials.parquet`` (the effective allocation ``s[unit]`` and fitness of every trial) and
+``space.json`` (its ``SpaceRecord``). Extra pairs come as a parquet of *features* (the spec's column names plus
+``fitness``, ``model``, ``budget``, ``fitness_kind``), which is what ``export_pairs`` writes, so pairs from any
+model can be pooled without its space. Pairs of different models or budget kinds are refused unless mixing is
+asked for; different fitness kinds (KL vs perplexity) never mix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from predictors.features import SpaceRecord, features
+
+META = ("fitness", "model", "budget", "fitness_kind")
+
+
+@dataclass
+class Pairs:
+    """Feature rows, fitness values and where each row came from."""
+
+    X: np.ndarray
+    y: np.ndarray
+    source: list[str] = field(default_factory=list)
+    model: list[str] = field(default_factory=list)
+    budget: list[str] = field(default_factory=list)
+    fitness_kind: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to_frame(self, spec: dict) -> pd.DataFrame:
+        frame = pd.DataFrame(self.X, columns=spec["names"])
+        frame["fitness"], frame["model"], frame["budget"] = self.y, self.model, self.budget
+        frame["fitness_kind"], frame["source"] = self.fitness_kind, self.source
+        return frame
+
+
+def run_pairs(run: Path, spec: dict) -> Pairs:
+    """Features and fitness of every completed trial of a run folder."""
+    run = Path(run)
+    trials, space = run / "trials.parquet", run / "space.json"
+    if not trials.exists():
+        raise FileNotFoundError(f"{run} has no trials.parquet: not a finished prunesearch search run")
+    if not space.exists():
+        raise FileNotFoundError(f"{run} has no space.json (runs of older versions): re-run its search command "
+                                "once, which resumes without new trials and writes it")
+    rec = SpaceRecord.load(space)
+    frame = pd.read_parquet(trials)
+    cols = [f"s[{u}]" for u in rec.units]
+    missing = [c for c in cols if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{trials} lacks the allocation columns {missing[:3]} of its space.json")
+    done = frame[(frame.state == "COMPLETE") & frame.fitness.notna()]
+    if done.empty:
+        raise ValueError(f"{run} has no completed trials to learn from")
+    n = len(done)
+    return Pairs(features(done[cols].to_numpy(dtype=np.float64), rec, spec), done.fitness.to_numpy(np.float64),
+                 [str(run)] * n, [rec.model] * n, [rec.budget] * n, [rec.fitness_kind] * n)
+
+
+def file_pairs(path: Path, spec: dict) -> Pairs:
+    """Pairs from a features parquet (see ``export_pairs``)."""
+    frame = pd.read_parquet(path)
+    missing = [c for c in list(spec["names"]) + list(META) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing[:4]}{'…' if len(missing) > 4 else ''}; a pairs file "
+                         f"holds the feature columns of spec v{spec['version']} ({spec['depth_bins']} depth bins) "
+                         "plus fitness, model, budget, fitness_kind (see `predictor retrain --export-pairs`)")
+    if frame.empty:
+        raise ValueError(f"{path} holds no pairs")
+    n = len(frame)
+    return Pairs(frame[spec["names"]].to_numpy(np.float64), frame.fitness.to_numpy(np.float64), [str(path)] * n,
+                 frame.model.astype(str).tolist(), frame.budget.astype(str).tolist(),
+                 frame.fitness_kind.astype(str).tolist())
+
+
+def combine(parts: list[Pairs], allow_mixed: bool = False) -> Pairs:
+    """Concatenate pair sets, refusing mixed models or budget kinds (unless allowed) and mixed fitness kinds."""
+    if not parts:
+        raise ValueError("no pairs given: pass at least one --from RUN or --pairs FILE")
+    out = Pairs(np.concatenate([p.X for p in parts]), np.concatenate([p.y for p in parts]),
+                sum((p.source for p in parts), []), sum((p.model for p in parts), []),
+                sum((p.budget for p in parts), []), sum((p.fitness_kind for p in parts), []))
+    kinds = sorted(set(out.fitness_kind))
+    if len(kinds) > 1:
+        raise ValueError(f"pairs measure different fitness kinds {kinds}; their values are not comparable")
+    check_compatible(out, allow_mixed)
+    return out
+
+
+def check_compatible(p: Pairs, allow_mixed: bool, against: dict | None = None) -> None:
+    """Refuse pairs of several models or budget kinds (or other than ``against``'s) unless ``allow_mixed``."""
+    models = set(p.model) | ({against["model"]} if against else set())
+    budget_kinds = {b.partition("=")[0] for b in p.budget} | (
+        {against["budget"].partition("=")[0]} if against else set())
+    if allow_mixed:
+        return
+    if len(models) > 1:
+        raise ValueError(f"pairs come from different models ({', '.join(sorted(models))}); pass --allow-mixed "
+                         "to pool them anyway")
+    if len(budget_kinds) > 1:
+        raise ValueError(f"pairs come from different budget kinds ({', '.join(sorted(budget_kinds))}); pass "
+                         "--allow-mixed to pool them anyway")

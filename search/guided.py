@@ -1,0 +1,339 @@
+"""Predictor-guided search (Ji et al., 2023, made iterative): a boosted-tree ensemble prunes the search space.
+
+After a warm-up of measured allocations (the heuristic seeds plus scrambled-Sobol points), every round
+
+1. fits the predictor on all completed trials (features of the effective allocation → fitness);
+2. screens random points of the current per-unit bounds, projected onto the budget, and narrows each unit's
+   bounds to where the predicted best ``quantile`` of them lie (their ``spread``…1−``spread`` percentiles),
+   widening insensitive units (rank correlation with the prediction below ``insensitive`` × the strongest)
+   back to the full range and always keeping the incumbent best inside; optionally a ``local`` share of the
+   ``screen`` points are perturbations of the best measured allocations inside the new bounds;
+3. asks ``batch`` candidates of the run's Optuna sampler in the narrowed space (on a throw-away copy of the
+   study) plus the ``screen_top`` best screened points, and scores all by the lower confidence bound
+   mean − κ·std (fitness is minimized);
+4. enqueues only the best ``measure`` for real measurement (full fidelity: the predictor is the pruner here).
+
+Only measured candidates enter the study. Each round appends its bounds, predictor metrics (3-fold CV of a
+single member, and the prospective τ of everything predicted before it was measured) and screening counts to
+``predictor_rounds.jsonl``; the final predictor is saved under ``predictor/``. Resuming re-reads the study and
+the rounds file: queued candidates of an interrupted round are measured first, then rounds continue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from predictors.features import SpaceRecord, check_spec, features, make_spec
+from predictors.metrics import cross_validate, ranking_metrics
+from predictors.model import FitnessPredictor, data_hash
+from search.samplers import make_sampler, param_name
+from search.space import Space
+
+log = logging.getLogger("prunesearch.search")
+ROUNDS_FILE = "predictor_rounds.jsonl"
+
+
+@dataclass
+class GuideConfig:
+    """Knobs of the guided loop; the defaults are what ``prunesearch search --predictor on`` uses."""
+
+    warmup: int = 12
+    batch: int = 32
+    screen: int = 10000
+    screen_top: int = 8
+    measure: int = 4
+    quantile: float = 0.1
+    spread: float = 0.0
+    local: float = 0.0
+    kappa: float = 1.0
+    insensitive: float = 0.25
+    margin: float = 0.1
+    min_width: float = 0.02
+    depth_bins: int = 8
+    members: int = 8
+    trees: int = 200
+    init: str | None = None
+    seed: int | None = None  # of screening, Sobol warm-up and sampler copies (default: the run's seed)
+
+    def predictor(self, seed: int, members: int | None = None) -> FitnessPredictor:
+        return FitnessPredictor(n_members=members or self.members, n_estimators=self.trees, random_state=seed)
+
+
+def project_batch(space: Space, x: np.ndarray, iters: int = 60) -> np.ndarray:
+    """``Space.project`` for many rows at once (bisection on the shift τ of every row in parallel)."""
+    x = np.clip(np.asarray(x, dtype=np.float64), space.low, space.high)
+    w = space.sizes / space.sizes.sum()
+    lo = space.low - x.max(axis=1) - 1.0
+    hi = space.high - x.min(axis=1) + 1.0
+    for _ in range(iters):
+        tau = 0.5 * (lo + hi)
+        below = np.clip(x + tau[:, None], space.low, space.high) @ w < space.target
+        lo = np.where(below, tau, lo)
+        hi = np.where(below, hi, tau)
+    s = np.clip(x + (0.5 * (lo + hi))[:, None], space.low, space.high)
+    free = (s > space.low) & (s < space.high)
+    gap = space.target - s @ w
+    share = np.where(free, w, 0.0).sum(axis=1)
+    s = s + np.where(free, (gap / np.where(share > 0, share, 1.0))[:, None], 0.0)
+    return np.clip(s, space.low, space.high)
+
+
+def narrow(space: Space, allocs: np.ndarray, predicted: np.ndarray, incumbent: np.ndarray,
+           quantile: float = 0.1, insensitive: float = 0.25, margin: float = 0.1, min_width: float = 0.02,
+           spread: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """New per-unit bounds (low, high): the ``spread``…1−``spread`` percentiles of the predicted best ``quantile``
+    of screened allocations, padded by ``margin`` of their width; plus each unit's sensitivity (|Spearman ρ|
+    between its sparsity and the prediction). Never excludes ``incumbent``."""
+    from scipy.stats import rankdata
+
+    k = max(2, int(np.ceil(quantile * len(predicted))))
+    top = allocs[np.argsort(predicted, kind="stable")[:k]]
+    low, high = np.quantile(top, spread, axis=0), np.quantile(top, 1.0 - spread, axis=0)
+    pad = margin * (high - low)
+    low, high = low - pad, high + pad
+    short = (high - low) < min_width
+    mid = 0.5 * (low + high)
+    low = np.where(short, mid - min_width / 2, low)
+    high = np.where(short, mid + min_width / 2, high)
+    rp = rankdata(predicted)
+    ra = np.apply_along_axis(rankdata, 0, allocs)
+    rp, ra = rp - rp.mean(), ra - ra.mean(axis=0)
+    denom = np.sqrt((ra ** 2).sum(axis=0) * (rp ** 2).sum())
+    sens = np.abs(np.divide(ra.T @ rp, denom, out=np.zeros(allocs.shape[1]), where=denom > 0))
+    flat = sens < insensitive * sens.max() if sens.max() > 0 else np.ones_like(sens, dtype=bool)
+    low = np.where(flat, space.low, low)
+    high = np.where(flat, space.high, high)
+    low = np.clip(np.minimum(low, incumbent), space.low, space.high)
+    high = np.clip(np.maximum(high, incumbent), space.low, space.high)
+    return low, high, sens
+
+
+def distinct_best(allocs: np.ndarray, score: np.ndarray, n: int, radius: float) -> list[int]:
+    """The ``n`` lowest-scoring rows, skipping any within ``radius`` (max-norm) of one already chosen: tree
+    ensembles are piecewise constant, so the best scores often tie on near-copies of one allocation."""
+    chosen: list[int] = []
+    for i in np.argsort(score, kind="stable"):
+        if len(chosen) == n:
+            break
+        if all(np.max(np.abs(allocs[i] - allocs[j])) >= radius for j in chosen):
+            chosen.append(int(i))
+    return chosen
+
+
+def _pairs(study: optuna.Study, units: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, list]:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "allocation" in t.user_attrs]
+    allocs = np.array([t.user_attrs["allocation"] for t in done], dtype=np.float64).reshape(len(done), len(units))
+    return allocs, np.array([t.value for t in done], dtype=np.float64), done
+
+
+def _finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def _read_rounds(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_init(path: str, spec: dict) -> FitnessPredictor:
+    """A retrained predictor to warm-start from; its feature spec must match the search's."""
+    model, meta = FitnessPredictor.load(Path(path))
+    check_spec(spec, meta["feature_spec"])
+    return model
+
+
+class Guide:
+    """The guided loop as the engine's optimize hook: ``Guide(config)(study, ws, trials, deadline, progress)``."""
+
+    def __init__(self, config: GuideConfig | None = None):
+        self.config = config or GuideConfig()
+
+    def __call__(self, study: optuna.Study, ws, trials: int | None, deadline: float | None,
+                 progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        out: Path = ws.out
+        rec = SpaceRecord.from_workspace(ws)
+        rec.save(out / "space.json")
+        spec = make_spec(cfg.depth_bins)
+        init = load_init(cfg.init, spec) if cfg.init else None
+        units, space = ws.space.units, ws.space
+        self.seed = ws.settings.seed if cfg.seed is None else cfg.seed
+        self.bar = tqdm(total=trials, initial=_finished(study), desc="trials", disable=not progress,
+                        dynamic_ncols=True)
+        self.study, self.ws, self.trials, self.deadline = study, ws, trials, deadline
+        try:
+            self._measure_queue()
+            if init is None:
+                self._warmup()
+            rounds_path = out / ROUNDS_FILE
+            rounds = _read_rounds(rounds_path)
+            low = np.array(rounds[-1]["bounds"]["low"]) if rounds else np.full(space.dim, space.low)
+            high = np.array(rounds[-1]["bounds"]["high"]) if rounds else np.full(space.dim, space.high)
+            while not self._done():
+                allocs, y, done = _pairs(study, units)
+                if len(y) < 3:
+                    self._measure_queue(fallback=max(1, 3 - len(y)))
+                    continue
+                r = len(rounds)
+                t0 = time.perf_counter()
+                X = features(allocs, rec, spec)
+                own = init is None or len(y) >= cfg.warmup
+                model = cfg.predictor(self.seed + r).fit(X, y) if own else init
+                fit_s = time.perf_counter() - t0
+                cv = (cross_validate(cfg.predictor(r, members=1), X, y, k=3, seed=r)[0]
+                      if own and len(y) >= 6 else None)
+                rng = np.random.default_rng([self.seed, r])
+                n_local = int(cfg.local * cfg.screen)
+                screened = project_batch(space, rng.uniform(low, high, size=(cfg.screen - n_local, space.dim)))
+                mean, std = model.predict(features(screened, rec, spec), return_std=True)
+                incumbent = allocs[int(np.argmin(y))]
+                low, high, sens = narrow(space, screened, mean, incumbent, cfg.quantile, cfg.insensitive,
+                                         cfg.margin, cfg.min_width, cfg.spread)
+                near = self._local(rng, allocs[np.argsort(y)[:3]], low, high, n_local)
+                n_mean, n_std = model.predict(features(near, rec, spec), return_std=True)
+                screened = np.concatenate([screened, near])
+                mean, std = np.concatenate([mean, n_mean]), np.concatenate([std, n_std])
+                xs, sources = self._candidates(low, high, r, screened, mean - cfg.kappa * std)
+                cand = np.array([ws.allocation(x) for x in xs])
+                c_mean, c_std = model.predict(features(cand, rec, spec), return_std=True)
+                lcb = c_mean - cfg.kappa * c_std
+                n = min(cfg.measure, self._left())
+                chosen = distinct_best(cand, lcb, n, cfg.min_width / 2)
+                for i in chosen:
+                    study.enqueue_trial({param_name(u): float(v) for u, v in zip(units, xs[i])},
+                                        user_attrs={"guide": f"round-{r}/{sources[i]}", "predicted": float(c_mean[i]),
+                                                    "predicted_std": float(c_std[i])})
+                record = {
+                    "round": r, "finished_before": _finished(study), "train_pairs": int(len(y)),
+                    "predictor": "own" if own else "init", "fit_s": round(fit_s, 3),
+                    "cv": cv, "prospective": self._prospective(),
+                    "bounds": {"low": low.tolist(), "high": high.tolist()}, "sensitivity": sens.tolist(),
+                    "widened": [u for u, lo_, hi_ in zip(units, low, high)
+                                if lo_ <= space.low and hi_ >= space.high],
+                    "incumbent": {"trial": done[int(np.argmin(y))].number, "fitness": float(y.min()),
+                                  "inside_bounds": bool(np.all((incumbent >= low) & (incumbent <= high)))},
+                    "screened": {"narrowing_samples": cfg.screen - n_local, "local_samples": n_local,
+                                 "sampler_candidates": int(sum(
+                        s == ws.settings.sampler for s in sources)), "screen_candidates": int(sum(
+                            s == "screen" for s in sources)), "measured": len(chosen),
+                        "screened_out": int(len(xs) - len(chosen))},
+                    "chosen": [{"source": sources[i], "predicted": float(c_mean[i]), "std": float(c_std[i])}
+                               for i in chosen],
+                }
+                log.info("predictor round %d: %d pairs, screened %d candidates, measuring %d (cv tau %s)", r,
+                         len(y), len(xs), n, None if cv is None else f"{cv['kendall_tau']:.3f}")
+                with open(rounds_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                rounds.append(record)
+                self._measure_queue()
+            self._save_final(rec, spec)
+        finally:
+            self.bar.close()
+
+    def _left(self) -> int:
+        return 10**9 if self.trials is None else max(0, self.trials - _finished(self.study))
+
+    def _done(self) -> bool:
+        return self._left() == 0 or (self.deadline is not None and time.time() >= self.deadline)
+
+    def _update_bar(self, study: optuna.Study, trial) -> None:
+        self.bar.n = _finished(study)
+        try:
+            self.bar.set_postfix(best=f"{study.best_value:.5f}")
+        except ValueError:
+            pass
+        self.bar.refresh()
+
+    def _measure_queue(self, fallback: int = 0) -> None:
+        """Measure every queued trial (seeds, warm-up points, chosen candidates), or ``fallback`` sampler trials."""
+        waiting = len(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        n = min(max(waiting, fallback), self._left())
+        if n == 0 or self._done():
+            return
+        timeout = None if self.deadline is None else max(1.0, self.deadline - time.time())
+        self.study.optimize(self.ws.objective, n_trials=n, timeout=timeout, callbacks=[self._update_bar],
+                            gc_after_trial=False)
+
+    def _warmup(self) -> None:
+        """Scrambled-Sobol allocations until ``warmup`` trials have finished (the seeds count)."""
+        from scipy.stats import qmc
+
+        space = self.ws.space
+        present = [t for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("guide") == "warmup"]
+        waiting = len(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        need = self.config.warmup - _finished(self.study) - waiting
+        if need <= 0:
+            return
+        total = len(present) + need
+        sobol = qmc.Sobol(space.dim, scramble=True, seed=self.seed)
+        points = sobol.random_base2(max(1, int(np.ceil(np.log2(total)))))[:total]
+        for u in points[len(present):]:
+            x = space.low + (space.high - space.low) * u
+            self.study.enqueue_trial({param_name(n): float(v) for n, v in zip(space.units, x)},
+                                     user_attrs={"guide": "warmup"})
+        self._measure_queue()
+
+    def _local(self, rng: np.random.Generator, best: np.ndarray, low: np.ndarray, high: np.ndarray, n: int
+               ) -> np.ndarray:
+        """``n`` on-budget perturbations of the best measured allocations (σ = a tenth of each unit's bounds)."""
+        if n == 0:
+            return np.empty((0, self.ws.space.dim))
+        centres = best[rng.integers(0, len(best), n)]
+        x = np.clip(centres + rng.normal(size=centres.shape) * 0.1 * (high - low), low, high)
+        return project_batch(self.ws.space, x)
+
+    def _candidates(self, low: np.ndarray, high: np.ndarray, r: int, screened: np.ndarray, score: np.ndarray
+                    ) -> tuple[np.ndarray, list[str]]:
+        """The run's sampler asked ``batch`` times in the narrowed space (on a copy of the study, so nothing
+        unmeasured is stored), plus the best screened points; returns sampled x values and their sources."""
+        cfg, ws = self.config, self.ws
+        units = ws.space.units
+        shadow = optuna.create_study(direction="minimize",
+                                     sampler=make_sampler(ws.settings.sampler, ws.space, self.seed + 31 * r))
+        shadow.add_trials(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        dists = {param_name(u): FloatDistribution(float(lo), float(hi)) for u, lo, hi in zip(units, low, high)}
+        xs, sources = [], []
+        for _ in range(cfg.batch):
+            t = shadow.ask(dists)
+            xs.append([t.params[param_name(u)] for u in units])
+            sources.append(ws.settings.sampler)
+        inside = np.all((screened >= low) & (screened <= high), axis=1)
+        best = [i for i in np.argsort(score, kind="stable") if inside[i]][:cfg.screen_top]
+        xs.extend(screened[best].tolist())
+        sources.extend(["screen"] * len(best))
+        return np.array(xs, dtype=np.float64), sources
+
+    def _prospective(self) -> dict | None:
+        """Rank metrics of every guided trial's prediction (made before it was measured) against its fitness."""
+        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if "predicted" in t.user_attrs]
+        if len(done) < 3:
+            return None
+        return ranking_metrics(np.array([t.value for t in done]), np.array([t.user_attrs["predicted"] for t in done]))
+
+    def _save_final(self, rec: SpaceRecord, spec: dict) -> None:
+        """Fit on every completed trial and save under ``predictor/`` with 5-fold metrics."""
+        allocs, y, _ = _pairs(self.study, self.ws.space.units)
+        if len(y) < 5:
+            return
+        X = features(allocs, rec, spec)
+        model = self.config.predictor(self.seed)
+        metrics = cross_validate(model, X, y, k=5, seed=self.seed)[0]
+        model.fit(X, y)
+        training = {"runs": [str(self.ws.out)], "pairs": int(len(y)), "hash": data_hash(X, y),
+                    "model": rec.model, "budget": rec.budget, "fitness_kind": rec.fitness_kind,
+                    "guide": asdict(self.config)}
+        model.save(self.ws.out / "predictor", spec, training, metrics)
