@@ -7,23 +7,18 @@ static-Wanda 2:4 mask, see the same C4 training windows (bundled sample, documen
 are also the one-shot calibration set) and use the same optimizer, learning-rate schedule and step count.
 Perplexity: WikiText-2 test (bundled, full stream, seqlen 256). Writes results/benchmarks/ast.{md,csv,json}.
 
-    python benchmarks/ast.py [--steps 200] [--batch-size 8] [--lr 3e-4] [--threads 1] [--out results/benchmarks]
+    python benchmarks/sparse_training.py [--steps 200] [--batch-size 8] [--lr 3e-4] [--threads 1] [--out results/benchmarks]
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:  # this file shadows the stdlib's ``ast``
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse  # noqa: E402
+import argparse
 import copy
 import csv
 import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 
