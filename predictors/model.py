@@ -128,6 +128,8 @@ class FitnessPredictor(RegressorMixin, BaseEstimator):
         if not hasattr(self, "boosters_"):
             raise ValueError("this predictor is not fitted yet")
         X = self._check(X)
+        if len(X) == 0:  # nothing to score (e.g. every candidate of a round was a duplicate)
+            return np.empty((len(self.boosters_), 0))
         dm = xgb.DMatrix(X)
         return np.stack([self._member_fitness(i, b.predict(dm)) for i, b in enumerate(self.boosters_)])
 
