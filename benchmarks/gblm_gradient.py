@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.oneshot import _sync, forward_seconds
+from benchmarks.oneshot import forward_seconds
 from prunesearch import data
 from prunesearch.default_model import DEFAULT_SEQLEN
 from prunesearch.models import load_model
