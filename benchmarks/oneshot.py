@@ -139,7 +139,8 @@ def main() -> None:
              f"{seqlen} C4 tokens ({protocol['calib'].get('origin', '')}), seed 0. Prune time is divided by one plain "
              f"forward pass over the same calibration tokens ({fwd:.3f}s), measured in the same run; peak memory "
              f"is {'allocated CUDA memory' if args.device.startswith('cuda') else 'the process resident set'} "
-             f"while pruning (model included). Evaluation throughput: {eval_tps:,.0f} tokens/s.", "",
+             f"while pruning (model included; on CPU the allocator keeps memory an earlier method freed, so later "
+             f"rows are upper bounds and the rise over the first row is what a method itself adds at most). Evaluation throughput: {eval_tps:,.0f} tokens/s.", "",
              f"Dense PPL: {dense_ppl:.3f}", "", "| target | method | PPL | prune s | prune / forward | peak MiB |",
              "|---|---|---|---|---|---|"]
     for r in rows[1:]:
