@@ -71,3 +71,30 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2):
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved 4-block tiny LLaMA with its tokenizer: what the search tests load by path."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama", layers=4).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_calib_file(tmp_path_factory):
+    """A local calibration text file for the tiny tokenizer."""
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text(TINY_TEXT * 3)
+    return path
+
+
+def search_settings(model_dir, calib_file, **kw):
+    """Small, fast search settings on the tiny model (60% budget, bounds [0.3, 0.9]); ``kw`` overrides."""
+    from search.engine import SearchSettings
+
+    base = dict(model=str(model_dir), budget="sparsity=0.6", calib=str(calib_file), nsamples=4, seqlen=32,
+                fitness_samples=6, low_fidelity_samples=2, min_sparsity=0.3, max_sparsity=0.9)
+    base.update(kw)
+    return SearchSettings(**base)

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY_TEXT, tiny_model
+from conftest import search_settings
 from predictors.features import SpaceRecord, depth_weights, features, make_spec
 from predictors.metrics import cross_validate, ranking_metrics, top_precision
 from predictors.model import FitnessPredictor
 from prunesearch.cli import main
-from search.engine import SearchSettings, Workspace, run_search
+from search.engine import Workspace, run_search
 from search.guided import Guide, GuideConfig, narrow, project_batch
 from search.space import Space
 
@@ -139,31 +139,9 @@ def test_project_batch_matches_space_project():
 # --- guided search and retraining on a tiny model ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama", layers=4).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "calib.txt"
-    path.write_text(TINY_TEXT * 3)
-    return path
-
-
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path / "cache"))
-
-
-def _settings(model_dir, calib_file, **kw) -> SearchSettings:
-    base = dict(model=str(model_dir), budget="sparsity=0.6", calib=str(calib_file), nsamples=4, seqlen=32,
-                fitness_samples=6, low_fidelity_samples=2, min_sparsity=0.3, max_sparsity=0.9)
-    base.update(kw)
-    return SearchSettings(**base)
 
 
 FAST = dict(warmup=8, screen=500, local=0.5, batch=8, screen_top=4, measure=3, members=3, trees=30)
@@ -175,15 +153,15 @@ def _guided(settings, out, trials, **kw):
 
 
 @pytest.fixture(scope="module")
-def guided_runs(model_dir, calib_file, tmp_path_factory):
+def guided_runs(tiny_llama_dir, tiny_calib_file, tmp_path_factory):
     """Two guided runs of the same study setup (different seeds of calibration) and one of another budget."""
     base = tmp_path_factory.mktemp("runs")
     mp = pytest.MonkeyPatch()
     mp.setenv("PRUNESEARCH_CACHE", str(base / "cache"))
     a, b, c = base / "a", base / "b", base / "c"
-    _guided(_settings(model_dir, calib_file), a, 14)
-    _guided(_settings(model_dir, calib_file, seed=1), b, 11)
-    run_search(_settings(model_dir, calib_file, budget="params=100K"), c, trials=6, report_ppl=(), progress=False)
+    _guided(search_settings(tiny_llama_dir, tiny_calib_file), a, 14)
+    _guided(search_settings(tiny_llama_dir, tiny_calib_file, seed=1), b, 11)
+    run_search(search_settings(tiny_llama_dir, tiny_calib_file, budget="params=100K"), c, trials=6, report_ppl=(), progress=False)
     mp.undo()
     return a, b, c
 
@@ -215,9 +193,9 @@ def test_guided_run_writes_rounds_and_measures_fewer_than_it_screens(guided_runs
     assert meta["training"]["pairs"] == len(complete) and meta["metrics"]["folds"] == 5
 
 
-def test_guided_run_resumes(model_dir, calib_file, tmp_path, monkeypatch):
+def test_guided_run_resumes(tiny_llama_dir, tiny_calib_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    settings = _settings(model_dir, calib_file)
+    settings = search_settings(tiny_llama_dir, tiny_calib_file)
     calls = {"n": 0}
     original = Workspace.objective
 
@@ -273,10 +251,10 @@ def test_retrain_uses_the_union_of_runs_and_evaluate_scores_a_run(guided_runs, t
     assert -1.0 <= float(row[3]) <= 1.0
 
 
-def test_warm_start_from_a_retrained_predictor(guided_runs, model_dir, calib_file, tmp_path):
+def test_warm_start_from_a_retrained_predictor(guided_runs, tiny_llama_dir, tiny_calib_file, tmp_path):
     a, _, _ = guided_runs
     out = tmp_path / "warm"
-    _guided(_settings(model_dir, calib_file, seed=2), out, 11, init=str(a / "predictor"))
+    _guided(search_settings(tiny_llama_dir, tiny_calib_file, seed=2), out, 11, init=str(a / "predictor"))
     frame = pd.read_parquet(out / "trials.parquet")
     assert (frame.guide == "warmup").sum() == 0  # the seeds are the only warm-up
     rounds = [json.loads(line) for line in (out / "predictor_rounds.jsonl").read_text().splitlines()]

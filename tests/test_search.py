@@ -9,28 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY_TEXT, tiny_model
+from conftest import search_settings
 from pruners.masks import Target, expected_pruned
 from pruners.oneshot import sparsity_table
 from pruners.targets import SparsityConfig
-from search.engine import SearchSettings, Workspace, run_search
+from search.engine import Workspace, run_search
 
 SEEDS = {"uniform", "owl", "atp-0.05", "atp-0.1", "atp-0.2"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama", layers=4).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "calib.txt"
-    path.write_text(TINY_TEXT * 3)
-    return path
 
 
 @pytest.fixture(autouse=True)
@@ -38,20 +23,13 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path / "cache"))
 
 
-def _settings(model_dir, calib_file, **kw) -> SearchSettings:
-    base = dict(model=str(model_dir), budget="sparsity=0.6", calib=str(calib_file), nsamples=4, seqlen=32,
-                fitness_samples=6, low_fidelity_samples=2, min_sparsity=0.3, max_sparsity=0.9)
-    base.update(kw)
-    return SearchSettings(**base)
-
-
 def _run(settings, out, **kw):
     return run_search(settings, out, report_ppl=(), progress=False, **kw)
 
 
-def test_seeds_first_labelled_and_best_config_is_a_prune_config(model_dir, calib_file, tmp_path):
+def test_seeds_first_labelled_and_best_config_is_a_prune_config(tiny_llama_dir, tiny_calib_file, tmp_path):
     out = tmp_path / "run"
-    summary = _run(_settings(model_dir, calib_file), out, trials=10)
+    summary = _run(search_settings(tiny_llama_dir, tiny_calib_file), out, trials=10)
     frame = pd.read_parquet(out / "trials.parquet")
     complete = frame[frame.state == "COMPLETE"]
     assert set(summary["seeds"]) == SEEDS
@@ -68,8 +46,8 @@ def test_seeds_first_labelled_and_best_config_is_a_prune_config(model_dir, calib
     assert config["meta"]["fitness"] == summary["best"]["fitness"]
 
 
-def test_a_trial_realizes_the_sparsity_it_claims(model_dir, calib_file, tmp_path):
-    ws = Workspace(_settings(model_dir, calib_file), tmp_path / "ws")
+def test_a_trial_realizes_the_sparsity_it_claims(tiny_llama_dir, tiny_calib_file, tmp_path):
+    ws = Workspace(search_settings(tiny_llama_dir, tiny_calib_file), tmp_path / "ws")
     alloc = ws.allocation(np.array([0.9, 0.2, 0.7, 0.5]))
     assert ws.space.mean(alloc) == pytest.approx(0.6, abs=1e-9)
     ws.realize(alloc)
@@ -81,9 +59,9 @@ def test_a_trial_realizes_the_sparsity_it_claims(model_dir, calib_file, tmp_path
     assert all(r["actual_sparsity"] == 0 for r in sparsity_table(ws.model))  # dense weights come back
 
 
-def test_interrupted_run_resumes_keeping_every_completed_trial(model_dir, calib_file, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_keeping_every_completed_trial(tiny_llama_dir, tiny_calib_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    settings = _settings(model_dir, calib_file)
+    settings = search_settings(tiny_llama_dir, tiny_calib_file)
     calls = {"n": 0}
     original = Workspace.objective
 
@@ -113,9 +91,9 @@ def test_interrupted_run_resumes_keeping_every_completed_trial(model_dir, calib_
     assert not xs.duplicated().any()  # nothing evaluated twice
 
 
-def test_two_local_workers_never_evaluate_the_same_trial_twice(model_dir, calib_file, tmp_path):
+def test_two_local_workers_never_evaluate_the_same_trial_twice(tiny_llama_dir, tiny_calib_file, tmp_path):
     out = tmp_path / "run"
-    _run(_settings(model_dir, calib_file, sampler="qmc"), out, trials=14, workers=2)
+    _run(search_settings(tiny_llama_dir, tiny_calib_file, sampler="qmc"), out, trials=14, workers=2)
     frame = pd.read_parquet(out / "trials.parquet")
     finished = frame[frame.state.isin(["COMPLETE", "PRUNED"])]
     assert 14 <= len(finished) <= 15  # the other worker may finish the trial it had started
@@ -126,27 +104,27 @@ def test_two_local_workers_never_evaluate_the_same_trial_twice(model_dir, calib_
     assert not xs.duplicated().any()
 
 
-def test_bad_input_is_refused_and_nothing_is_overwritten(model_dir, calib_file, tmp_path):
+def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_llama_dir, tiny_calib_file, tmp_path):
     with pytest.raises(ValueError, match="infeasible"):
-        _run(_settings(model_dir, calib_file, min_sparsity=0.7, max_sparsity=0.9), tmp_path / "a", trials=1)
+        _run(search_settings(tiny_llama_dir, tiny_calib_file, min_sparsity=0.7, max_sparsity=0.9), tmp_path / "a", trials=1)
     with pytest.raises(ValueError, match="unknown budget kind"):
-        _run(_settings(model_dir, calib_file, budget="latency=3ms"), tmp_path / "b", trials=1)
+        _run(search_settings(tiny_llama_dir, tiny_calib_file, budget="latency=3ms"), tmp_path / "b", trials=1)
     with pytest.raises(ValueError, match="granularity"):
-        _run(_settings(model_dir, calib_file, granularity="head"), tmp_path / "c", trials=1)
+        _run(search_settings(tiny_llama_dir, tiny_calib_file, granularity="head"), tmp_path / "c", trials=1)
     out = tmp_path / "run"
-    _run(_settings(model_dir, calib_file), out, trials=6)
+    _run(search_settings(tiny_llama_dir, tiny_calib_file), out, trials=6)
     before = (out / "trials.parquet").read_bytes()
     with pytest.raises(ValueError, match="different study"):
-        _run(_settings(model_dir, calib_file, budget="sparsity=0.5"), out, trials=6)
+        _run(search_settings(tiny_llama_dir, tiny_calib_file, budget="sparsity=0.5"), out, trials=6)
     assert (out / "trials.parquet").read_bytes() == before
 
 
-def test_sparsegpt_level_database_swaps_in_what_sparsegpt_computes_from_dense_inputs(model_dir, calib_file,
+def test_sparsegpt_level_database_swaps_in_what_sparsegpt_computes_from_dense_inputs(tiny_llama_dir, tiny_calib_file,
                                                                                       tmp_path):
     from prunesearch import data
     from pruners.oneshot import make_pruner, prune_model
 
-    settings = _settings(model_dir, calib_file, pruner="sparsegpt", level_step=0.1)
+    settings = search_settings(tiny_llama_dir, tiny_calib_file, pruner="sparsegpt", level_step=0.1)
     ws = Workspace(settings, tmp_path / "ws")
     alloc = ws.allocation(np.array([0.83, 0.37, 0.66, 0.54]))
     np.testing.assert_allclose(alloc, [0.8, 0.4, 0.7, 0.5])  # on the 0.1 grid, largest remainders rounded up
@@ -160,7 +138,7 @@ def test_sparsegpt_level_database_swaps_in_what_sparsegpt_computes_from_dense_in
 
     # Block 0 sees the same (dense) inputs in the database and in a sequential one-shot run: identical weights.
     ws.realize(np.zeros(4))
-    calib = data.calibration_ids(ws.tokenizer, str(calib_file), 4, 32, 0, None)
+    calib = data.calibration_ids(ws.tokenizer, str(tiny_calib_file), 4, 32, 0, None)
     prune_model(ws.model, make_pruner("sparsegpt"), {n: Target(v) for n, v in targets.items()}, calib)
     for name in ws.lay.projections[0]:
         torch.testing.assert_close(ws.realizer.modules[name].weight, searched[name], rtol=0, atol=0)
@@ -172,10 +150,10 @@ def test_sparsegpt_level_database_swaps_in_what_sparsegpt_computes_from_dense_in
         assert torch.equal(module.weight, searched[name])
 
 
-def test_search_with_the_sparsegpt_database_runs_seeds_and_stays_on_the_level_grid(model_dir, calib_file,
+def test_search_with_the_sparsegpt_database_runs_seeds_and_stays_on_the_level_grid(tiny_llama_dir, tiny_calib_file,
                                                                                    tmp_path):
     out = tmp_path / "run"
-    summary = _run(_settings(model_dir, calib_file, pruner="sparsegpt", level_step=0.1, sampler="evo"), out,
+    summary = _run(search_settings(tiny_llama_dir, tiny_calib_file, pruner="sparsegpt", level_step=0.1, sampler="evo"), out,
                    trials=10)
     frame = pd.read_parquet(out / "trials.parquet")
     complete = frame[frame.state == "COMPLETE"]
