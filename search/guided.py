@@ -68,25 +68,6 @@ class GuideConfig:
         return FitnessPredictor(n_members=members or self.members, n_estimators=self.trees, random_state=seed)
 
 
-def project_batch(space: Space, x: np.ndarray, iters: int = 60) -> np.ndarray:
-    """``Space.project`` for many rows at once (bisection on the shift τ of every row in parallel)."""
-    x = np.clip(np.asarray(x, dtype=np.float64), space.low, space.high)
-    w = space.sizes / space.sizes.sum()
-    lo = space.low - x.max(axis=1) - 1.0
-    hi = space.high - x.min(axis=1) + 1.0
-    for _ in range(iters):
-        tau = 0.5 * (lo + hi)
-        below = np.clip(x + tau[:, None], space.low, space.high) @ w < space.target
-        lo = np.where(below, tau, lo)
-        hi = np.where(below, hi, tau)
-    s = np.clip(x + (0.5 * (lo + hi))[:, None], space.low, space.high)
-    free = (s > space.low) & (s < space.high)
-    gap = space.target - s @ w
-    share = np.where(free, w, 0.0).sum(axis=1)
-    s = s + np.where(free, (gap / np.where(share > 0, share, 1.0))[:, None], 0.0)
-    return np.clip(s, space.low, space.high)
-
-
 def narrow(space: Space, allocs: np.ndarray, predicted: np.ndarray, incumbent: np.ndarray,
            quantile: float = 0.1, insensitive: float = 0.25, margin: float = 0.1, min_width: float = 0.02,
            spread: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -197,7 +178,7 @@ class Guide:
                       if own and len(y) >= 6 else None)
                 rng = np.random.default_rng([self.seed, r])
                 n_local = int(cfg.local * cfg.screen)
-                screened = project_batch(space, rng.uniform(low, high, size=(cfg.screen - n_local, space.dim)))
+                screened = space.project(rng.uniform(low, high, size=(cfg.screen - n_local, space.dim)))
                 mean, std = model.predict(features(screened, rec, spec), return_std=True)
                 incumbent = allocs[int(np.argmin(y))]
                 low, high, sens = narrow(space, screened, mean, incumbent, cfg.quantile, cfg.insensitive,
@@ -293,7 +274,7 @@ class Guide:
             return np.empty((0, self.ws.space.dim))
         centres = best[rng.integers(0, len(best), n)]
         x = np.clip(centres + rng.normal(size=centres.shape) * 0.1 * (high - low), low, high)
-        return project_batch(self.ws.space, x)
+        return self.ws.space.project(x)
 
     def _candidates(self, low: np.ndarray, high: np.ndarray, r: int, screened: np.ndarray, score: np.ndarray
                     ) -> tuple[np.ndarray, list[str]]:

@@ -43,27 +43,28 @@ class Space:
         return float(np.dot(self.sizes, alloc) / self.sizes.sum())
 
     def project(self, x: np.ndarray, tol: float = 1e-12) -> np.ndarray:
-        """The allocation clip(x + τ, low, high) whose weighted mean is exactly the target.
+        """The allocation clip(x + τ, low, high) whose weighted mean is exactly the target (``x`` one allocation,
+        or a batch of them as rows).
 
-        τ is found by bisection (the mean is monotone in τ); a final correction on the units strictly inside
-        the bounds removes the remaining rounding error, so the budget holds to float precision.
+        τ is found by bisection (the mean is monotone in τ), all rows in parallel; a final correction on the units
+        strictly inside the bounds removes the remaining rounding error, so the budget holds to float precision.
         """
         x = np.clip(np.asarray(x, dtype=np.float64), self.low, self.high)
-        lo, hi = self.low - x.max() - 1.0, self.high - x.min() + 1.0
+        rows = np.atleast_2d(x)
+        w = self.sizes / self.sizes.sum()
+        lo, hi = self.low - rows.max(axis=1) - 1.0, self.high - rows.min(axis=1) + 1.0
         for _ in range(200):
             tau = 0.5 * (lo + hi)
-            if self.mean(np.clip(x + tau, self.low, self.high)) < self.target:
-                lo = tau
-            else:
-                hi = tau
-            if hi - lo < tol:
+            below = np.clip(rows + tau[:, None], self.low, self.high) @ w < self.target
+            lo, hi = np.where(below, tau, lo), np.where(below, hi, tau)
+            if np.all(hi - lo < tol):
                 break
-        s = np.clip(x + 0.5 * (lo + hi), self.low, self.high)
+        s = np.clip(rows + (0.5 * (lo + hi))[:, None], self.low, self.high)
         free = (s > self.low) & (s < self.high)
-        if free.any():
-            s[free] += (self.target - self.mean(s)) * self.sizes.sum() / self.sizes[free].sum()
-            s = np.clip(s, self.low, self.high)
-        return s
+        share = np.where(free, w, 0.0).sum(axis=1)
+        gap = (self.target - s @ w) / np.where(share > 0, share, 1.0)
+        s = np.clip(s + np.where(free, gap[:, None], 0.0), self.low, self.high)
+        return s[0] if x.ndim == 1 else s
 
     def snap(self, alloc: np.ndarray, m: int) -> np.ndarray:
         """Round an on-budget allocation to multiples of 1/m (N:M levels), keeping the pruned-weight count as

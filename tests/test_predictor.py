@@ -16,7 +16,7 @@ from predictors.metrics import cross_validate, ranking_metrics, top_precision
 from predictors.model import FitnessPredictor
 from prunesearch.cli import main
 from search.engine import Workspace, run_search
-from search.guided import Guide, GuideConfig, narrow, project_batch
+from search.guided import Guide, GuideConfig, narrow
 from search.space import Space
 
 SPEC = make_spec(8)
@@ -117,7 +117,7 @@ def test_metrics_on_known_values():
 def test_narrowing_never_excludes_the_incumbent(n, seed, quantile, insensitive):
     rng = np.random.default_rng(seed)
     space = _space(n, 0.7, rng.uniform(50, 150, n))
-    screened = project_batch(space, rng.uniform(space.low, space.high, (300, n)))
+    screened = space.project(rng.uniform(space.low, space.high, (300, n)))
     np.testing.assert_allclose(screened @ space.sizes / space.sizes.sum(), 0.7, atol=1e-9)
     predicted = rng.normal(size=300) + screened[:, 0]
     incumbent = space.project(rng.uniform(space.low, space.high, n))
@@ -130,10 +130,10 @@ def test_narrowing_never_excludes_the_incumbent(n, seed, quantile, insensitive):
     assert np.all(low <= median + 1e-12) and np.all(median <= high + 1e-12)
 
 
-def test_project_batch_matches_space_project():
+def test_batched_projection_matches_row_by_row():
     space = _space(5, 0.7, [10.0, 20.0, 30.0, 40.0, 50.0])
     x = np.random.default_rng(1).uniform(0.3, 1.0, (50, 5))
-    np.testing.assert_allclose(project_batch(space, x), np.array([space.project(r) for r in x]), atol=1e-9)
+    np.testing.assert_allclose(space.project(x), np.array([space.project(r) for r in x]), atol=1e-9)
 
 
 # --- guided search and retraining on a tiny model ------------------------------------------------------------
