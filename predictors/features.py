@@ -26,7 +26,7 @@ class SpaceRecord:
     sizes: tuple[float, ...]  # weights per unit
     attention_sizes: tuple[float, ...]  # attention weights per unit (the rest are MLP weights)
     num_blocks: int
-    target: float
+    target: float | None  # None for a budget range: each allocation's own mean sparsity is its target
     low: float
     high: float
     outlier_ratio: tuple[float, ...]  # OWL outlier ratio (%) per block, from the dense Wanda statistics
@@ -47,7 +47,8 @@ class SpaceRecord:
                      for members in sp.members]
         s = ws.settings
         return cls(tuple(sp.units), tuple(int(b) for b in sp.blocks), tuple(float(v) for v in sp.sizes),
-                   tuple(float(v) for v in attention), ws.lay.num_blocks, float(sp.target), float(sp.low),
+                   tuple(float(v) for v in attention), ws.lay.num_blocks,
+                   None if ws.multi else float(sp.target), float(sp.low),
                    float(sp.high), tuple(float(v) for v in ws.scores.outlier_ratio), ws.source, s.budget,
                    s.granularity, s.fitness)
 
@@ -145,7 +146,7 @@ def features(allocs: np.ndarray, rec: SpaceRecord, spec: dict) -> np.ndarray:
             block[:, 0], block[:, -1], attn_pruned / attn.sum() if attn.sum() > 0 else np.zeros(len(a)),
             (a @ mlp) / mlp.sum() if mlp.sum() > 0 else np.zeros(len(a)),
             np.divide(attn_pruned, pruned, out=np.zeros(len(a)), where=pruned > 0),
-            np.full(len(a), rec.target), ((block - block.mean(axis=1, keepdims=True)) * (norm - 1)).mean(axis=1),
+            pruned / sizes.sum() if rec.target is None else np.full(len(a), rec.target), ((block - block.mean(axis=1, keepdims=True)) * (norm - 1)).mean(axis=1),
             (block * norm).mean(axis=1),
         ], axis=1),
     ]

@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Budget-constrained per-layer sparsity search (an Optuna study in --out).")
     _add_model_options(p)
     _add_calib_options(p)
-    p.add_argument("--budget", default="sparsity=0.7", help="sparsity=P (mean over prunable weights) or "
-                                                           "params=N (nonzero parameters, e.g. 4.5M)")
+    p.add_argument("--budget", default="sparsity=0.7",
+                   help="sparsity=P (mean over prunable weights) or params=N (nonzero parameters, e.g. 4.5M); a "
+                        "range such as sparsity=0.6:0.8 searches the Pareto front of fitness against sparsity")
     p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (layers get k:M levels)")
     p.add_argument("--granularity", default="block", choices=["block", "projection"])
     p.add_argument("--pruner", default="wanda", choices=["wanda", "magnitude", "gblm", "sparsegpt"],
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sparsity", type=float, help="upper bound per unit (default: budget + 0.2)")
     p.add_argument("--trials", type=int, help="stop after this many measured trials (default: 100)")
     p.add_argument("--time-budget", help="stop after this long: 90s, 30m, 2h")
-    p.add_argument("--sampler", default="tpe", choices=["tpe", "qmc", "nsga2", "evo"])
+    p.add_argument("--sampler", choices=["tpe", "qmc", "nsga2", "evo"],
+                   help="default: tpe, or nsga2 for a budget range")
     p.add_argument("--workers", type=int, default=1, help="local worker processes on one study")
     p.add_argument("--storage", help="Optuna storage URL or journal file (default: a journal in --out)")
     p.add_argument("--study", default="prunesearch", help="study name in the storage")
@@ -125,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many windows per report dataset (default: 256; 0 for all)")
     p.add_argument("--out", required=True, help="run folder (re-running the same command resumes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--predictor", default="on", choices=["on", "off"],
-                   help="prune the search space with a boosted-tree accuracy predictor (default: on); rounds are "
-                        "logged to --out/predictor_rounds.jsonl and the final predictor saved in --out/predictor")
+    p.add_argument("--predictor", choices=["on", "off"],
+                   help="prune the search space with a boosted-tree accuracy predictor (default: on, off for a "
+                        "budget range); rounds are logged to --out/predictor_rounds.jsonl and the final predictor "
+                        "saved in --out/predictor")
     p.add_argument("--predictor-init", help="warm-start from a predictor folder (`prunesearch predictor retrain`)")
     p.set_defaults(func=cmd_search)
 
@@ -383,9 +386,10 @@ def cmd_search(args) -> int:
 
     if args.trials is not None and args.trials < 1:
         raise UsageError("--trials must be at least 1")
+    multi = ":" in args.budget
     settings = SearchSettings(
         model=args.model, budget=args.budget, pattern=args.pattern, granularity=args.granularity,
-        pruner=args.pruner, fitness=args.fitness, sampler=args.sampler, min_sparsity=args.min_sparsity,
+        pruner=args.pruner, fitness=args.fitness, sampler=args.sampler or ("nsga2" if multi else "tpe"), min_sparsity=args.min_sparsity,
         max_sparsity=args.max_sparsity, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, fitness_samples=args.fitness_samples, low_fidelity_samples=args.low_fidelity_samples,
         data_dir=args.data_dir, level_step=args.level_step,
@@ -393,7 +397,7 @@ def cmd_search(args) -> int:
     time_budget = parse_duration(args.time_budget) if args.time_budget else None
     out = Path(args.out)
     guide = None
-    if args.predictor == "on":
+    if (args.predictor or ("off" if multi else "on")) == "on":
         from search.guided import Guide, GuideConfig
 
         guide = Guide(GuideConfig(init=args.predictor_init))
@@ -488,8 +492,11 @@ def cmd_ast(args) -> int:
 
 
 def _print_summary(summary: dict, out: Path) -> None:
-    if summary["best"] is None:
+    if summary.get("best", 0) is None:
         print(f"no trial completed; everything so far is kept in {out}")
+        return
+    if "front" in summary:
+        _print_front(summary, out)
         return
     kind = summary["fitness_kind"]
     ppl = summary.get("report_ppl", {})
@@ -502,6 +509,28 @@ def _print_summary(summary: dict, out: Path) -> None:
     print(f"best ({summary['best']['label']}, trial {summary['best']['trial']}): {alloc}")
     print(f"{summary['trials']} trials ({summary['pruned']} stopped early at low fidelity), "
           f"median trial {summary['median_trial_s']:.2f}s; results in {out}")
+
+
+def _print_front(summary: dict, out: Path) -> None:
+    kind = summary["fitness_kind"]
+    print(f"\nPareto front ({len(summary['front'])} allocations; configs in {out / 'pareto'}):")
+    print(f"{'sparsity':>9} {kind:>10} {'trial':>6}  label")
+    for row in summary["front"]:
+        print(f"{row['sparsity']:>9.4f} {row['fitness']:>10.5f} {row['trial']:>6}  {row['label']}")
+    ppl = summary.get("report_ppl", {})
+    datasets = list(next(iter(ppl.values()), {}))
+    print(f"\n{'seed':<16} {kind + ' (search data)':>20} {'front, as sparse':>17} "
+          + " ".join(f"{d + ' ppl':>16} {'front':>8}" for d in datasets))
+    for label, v in summary["seeds"].items():
+        front = v["front"]
+        cells = []
+        for d in datasets:
+            mine = ppl.get(label, {}).get(d)
+            theirs = ppl.get(f"front@{label.partition('@')[2]}", {}).get(d)
+            cells.append(f"{mine:>16.3f} " + (f"{theirs:>8.3f}" if theirs is not None else f"{'':>8}"))
+        print(f"{label:<16} {v['fitness']:>20.5f} " + (f"{front['fitness']:>17.5f}" if front else f"{'-':>17}")
+              + " " + " ".join(cells))
+    print(f"{summary['trials']} trials, median trial {summary['median_trial_s']:.2f}s; results in {out}")
 
 
 def _print_metrics(rows: dict[str, dict]) -> None:

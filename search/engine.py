@@ -5,6 +5,10 @@ score-based pruner and the dense reference log-probabilities, all computed once 
 folder. A trial samples one sparsity per unit, projects it onto the budget, writes the masked weights and
 measures KL to the dense model on held-out tokens: first on a few sequences (Optuna's pruner stops the poor
 ones), then on all.
+
+A budget range (``sparsity=0.6:0.8``) makes the study multi-objective: each trial also samples its budget, one of
+21 evenly spaced levels across the range (so trials and seeds share exact budgets and stay comparable), and the
+run keeps the Pareto front of fitness against sparsity instead of one best allocation.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,9 +36,13 @@ from search.samplers import make_sampler, param_name
 from search.levels import LevelDatabase, LevelRealizer
 from search.scores import Realizer, ScoreCache
 from search.seeds import heuristic_seeds
-from search.space import Space, make_space, parse_budget
+from search.space import Space, make_space, parse_budget_range
 
 log = logging.getLogger("prunesearch.search")
+
+LEVEL_PARAM = "budget_level"  # a multi-objective trial's budget: level k of RANGE_LEVELS steps across the range
+RANGE_LEVELS = 20
+PRUNERS = ("wanda", "magnitude", "gblm", "sparsegpt")
 
 
 @dataclass
@@ -59,6 +68,27 @@ class SearchSettings:
     data_dir: str | None = None
     level_step: float = 0.025
 
+    @property
+    def multi_objective(self) -> bool:
+        """A budget range: fitness and sparsity are both objectives (NSGA-II by default)."""
+        return ":" in self.budget
+
+    def validate(self) -> None:
+        """Refuse settings that are wrong whatever the model, before anything is loaded or written."""
+        if self.pruner not in PRUNERS:
+            raise ValueError(f"search pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
+        if not 0 < self.level_step < 1:
+            raise ValueError(f"level step must be in (0, 1), got {self.level_step}")
+        if self.fitness not in ("kl", "ppl"):
+            raise ValueError(f"fitness must be kl or ppl, got {self.fitness!r}")
+        if not 0 < self.low_fidelity_samples <= self.fitness_samples:
+            raise ValueError("need 0 < low-fidelity samples <= fitness samples")
+        if self.multi_objective and self.sampler == "evo":
+            raise ValueError("the evolutionary sampler keeps one budget; a budget range needs nsga2, tpe or qmc")
+        if self.multi_objective and self.pruner == "sparsegpt":
+            raise ValueError("the SparseGPT level database is built for one budget; a budget range needs wanda, "
+                             "magnitude or gblm")
+
     def signature(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -77,24 +107,20 @@ class Workspace:
         from prunesearch.models import default_seqlen, load_model
         from pruners.masks import parse_pattern
 
+        settings.validate()
         self.settings, self.out, self.batch_size = settings, out, batch_size
         self.model, self.tokenizer, self.source = load_model(settings.model, device)
         self.lay = layout(self.model)
         self.seqlen = default_seqlen(self.model, settings.seqlen, builtin=settings.model is None)
-        total = sum(p.numel() for p in self.model.parameters())
-        self.budget_kind, self.budget_value, target = parse_budget(settings.budget, self.lay, total)
-        low = settings.min_sparsity if settings.min_sparsity is not None else max(0.0, target - 0.2)
-        high = settings.max_sparsity if settings.max_sparsity is not None else min(0.99, target + 0.2)
-        self.space = make_space(self.lay, target, low, high, settings.granularity)
+        self.total_params = sum(p.numel() for p in self.model.parameters())
+        self.budget_kind, _, self.target_range = parse_budget_range(settings.budget, self.lay, self.total_params)
+        self.multi = settings.multi_objective
+        t_low, t_high = self.target_range
+        low = settings.min_sparsity if settings.min_sparsity is not None else max(0.0, t_low - 0.2)
+        high = settings.max_sparsity if settings.max_sparsity is not None else min(0.99, t_high + 0.2)
+        self.space = make_space(self.lay, t_low, low, high, settings.granularity)
+        self.space_at(t_high)  # both ends of a range must be feasible inside the bounds
         self.m = parse_pattern(settings.pattern)
-        if settings.pruner not in ("wanda", "magnitude", "gblm", "sparsegpt"):
-            raise ValueError(f"search pruner must be wanda, magnitude, gblm or sparsegpt, got {settings.pruner!r}")
-        if not 0 < settings.level_step < 1:
-            raise ValueError(f"level step must be in (0, 1), got {settings.level_step}")
-        if settings.fitness not in ("kl", "ppl"):
-            raise ValueError(f"fitness must be kl or ppl, got {settings.fitness!r}")
-        if not 0 < settings.low_fidelity_samples <= settings.fitness_samples:
-            raise ValueError("need 0 < low-fidelity samples <= fitness samples")
         cache = out / "cache"
         cache.mkdir(parents=True, exist_ok=True)
         self.calib_protocol = data.describe(settings.calib, settings.data_dir)
@@ -155,14 +181,28 @@ class Workspace:
                  max(map(len, unit_levels)), time.perf_counter() - t)
         return db
 
-    def allocation(self, x: np.ndarray) -> np.ndarray:
-        """The effective allocation of sampled values: on the budget, inside the bounds, on the N:M grid (or, for
-        the SparseGPT database, on its level grid)."""
-        alloc = self.space.project(x)
+    def space_at(self, target: float | None) -> Space:
+        """The space whose budget is ``target`` (a multi-objective trial's own budget); the run's space for None."""
+        return self.space if target is None else dataclasses.replace(self.space, target=float(target))
+
+    def range_target(self, level: int) -> float:
+        """The budget sparsity of level ``level`` (0 … RANGE_LEVELS) of a budget range."""
+        low, high = self.target_range
+        return low + (high - low) * level / RANGE_LEVELS
+
+    def nonzero_params(self, alloc: np.ndarray) -> int:
+        """Nonzero parameters of the whole model under an allocation (what a ``params=`` budget counts)."""
+        return round(self.total_params - float(np.dot(self.space.sizes, alloc)))
+
+    def allocation(self, x: np.ndarray, target: float | None = None) -> np.ndarray:
+        """The effective allocation of sampled values: on the budget (``target`` for a multi-objective trial),
+        inside the bounds, on the N:M grid (or, for the SparseGPT database, on its level grid)."""
+        space = self.space_at(target)
+        alloc = space.project(x)
         if self.m:
-            return self.space.snap(alloc, self.m)
+            return space.snap(alloc, self.m)
         if self.settings.pruner == "sparsegpt":
-            return self.space.snap_levels(alloc, self.settings.level_step)
+            return space.snap_levels(alloc, self.settings.level_step)
         return alloc
 
     def realize(self, alloc: np.ndarray) -> None:
@@ -193,19 +233,23 @@ class Workspace:
         rest_sum, rest_count = self._fitness_sum(n_low, self.heldout.shape[0])
         return {"fitness_low": low, "fitness": self._value(low_sum + rest_sum, low_count + rest_count)}
 
-    def objective(self, trial: optuna.Trial) -> float:
+    def objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        """Fitness of the trial's allocation; with a budget range, (fitness, sparsity)."""
         t = time.perf_counter()
         x = np.array([trial.suggest_float(param_name(u), self.space.low, self.space.high) for u in self.space.units])
-        alloc = self.allocation(x)
+        target = self.range_target(trial.suggest_int(LEVEL_PARAM, 0, RANGE_LEVELS)) if self.multi else None
+        alloc = self.allocation(x, target)
+        sparsity = self.space.mean(alloc)
         trial.set_user_attr("allocation", alloc.tolist())
-        trial.set_user_attr("budget_sparsity", self.space.mean(alloc))
-        full = "seed" in trial.user_attrs or "guide" in trial.user_attrs  # seeds and predictor-chosen trials
+        trial.set_user_attr("budget_sparsity", sparsity)
+        # seeds and predictor-chosen trials are always measured in full; multi-objective studies cannot prune
+        full = "seed" in trial.user_attrs or "guide" in trial.user_attrs or self.multi
         try:
             result = self.measure(alloc, None if full else trial)
         finally:
             trial.set_user_attr("wall_s", time.perf_counter() - t)
         trial.set_user_attr("fitness_low", result["fitness_low"])
-        return result["fitness"]
+        return (result["fitness"], sparsity) if self.multi else result["fitness"]
 
 
 def open_study(settings: SearchSettings, out: Path, storage: str | None, study_name: str, space: Space,
@@ -224,7 +268,8 @@ def open_study(settings: SearchSettings, out: Path, storage: str | None, study_n
         backend = optuna.storages.journal.JournalFileBackend(storage)
         storage_obj = optuna.storages.JournalStorage(backend)
     pruner = optuna.pruners.PercentilePruner(settings.prune_percentile, n_startup_trials=5, n_warmup_steps=0)
-    study = optuna.create_study(study_name=study_name, storage=storage_obj, pruner=pruner, direction="minimize",
+    directions = ["minimize", "maximize"] if settings.multi_objective else ["minimize"]
+    study = optuna.create_study(study_name=study_name, storage=storage_obj, pruner=pruner, directions=directions,
                                 load_if_exists=True)
     done = len(study.get_trials(deepcopy=False))
     step = settings.level_step if settings.pruner == "sparsegpt" else 0.02
@@ -252,19 +297,23 @@ def check_run_folder(settings: SearchSettings, out: Path) -> None:
 
 
 def enqueue_seeds(study: optuna.Study, ws: Workspace, requeue_running: bool) -> None:
-    """Enqueue the heuristic seeds not yet measured; with ``requeue_running`` (the run folder's own journal, which
-    no other machine shares) also fail and re-queue the trials a killed run left running."""
-    seeds = heuristic_seeds(ws.space, ws.scores.outlier_ratio)
+    """Enqueue the heuristic seeds not yet measured (for a budget range, at both ends and the middle, labelled
+    ``uniform@0.7`` etc.); with ``requeue_running`` (the run folder's own journal, which no other machine shares)
+    also fail and re-queue the trials a killed run left running."""
     for t in study.get_trials(deepcopy=False):
         if requeue_running and t.state == TrialState.RUNNING:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k == "seed"})
     present = {t.user_attrs.get("seed") for t in study.get_trials(deepcopy=False)
                if t.state in (TrialState.COMPLETE, TrialState.WAITING)}
-    for label, alloc in seeds.items():
-        if label not in present:
+    for level in ((0, RANGE_LEVELS // 2, RANGE_LEVELS) if ws.multi else (None,)):
+        target = None if level is None else ws.range_target(level)
+        for label, alloc in heuristic_seeds(ws.space_at(target), ws.scores.outlier_ratio).items():
             params = {param_name(u): float(v) for u, v in zip(ws.space.units, alloc)}
-            study.enqueue_trial(params, user_attrs={"seed": label})
+            if level is not None:
+                label, params[LEVEL_PARAM] = f"{label}@{target:.4g}", level
+            if label not in present:
+                study.enqueue_trial(params, user_attrs={"seed": label})
 
 
 def _finished(study: optuna.Study) -> int:
@@ -280,10 +329,10 @@ def _optimize(study: optuna.Study, ws: Workspace, trials: int | None, deadline: 
     def stop_when_done(study: optuna.Study, trial) -> None:
         done = _finished(study)
         bar.n = done
-        try:
+        if len(study.directions) > 1:
+            bar.set_postfix(front=len(study.best_trials))
+        elif study.best_trials:
             bar.set_postfix(best=f"{study.best_value:.5f}")
-        except ValueError:
-            pass
         bar.refresh()
         if (trials is not None and done >= trials) or (deadline is not None and time.time() >= deadline):
             study.stop()
@@ -314,7 +363,7 @@ def trials_frame(study: optuna.Study, ws: Workspace):
 
     s = ws.settings
     protocol = {
-        "model": ws.source, "budget": s.budget, "target_sparsity": ws.space.target, "pattern": s.pattern,
+        "model": ws.source, "budget": s.budget, "pattern": s.pattern,
         "granularity": s.granularity, "pruner": s.pruner, "fitness_kind": s.fitness,
         "fitness_data": json.dumps(ws.heldout_protocol), "fitness_samples": s.fitness_samples,
         "low_fidelity_samples": s.low_fidelity_samples, "seqlen": ws.seqlen, "calib": json.dumps(ws.calib_protocol),
@@ -324,10 +373,12 @@ def trials_frame(study: optuna.Study, ws: Workspace):
     for t in study.get_trials(deepcopy=False):
         row = {"number": t.number, "state": t.state.name, "label": t.user_attrs.get("seed", s.sampler),
                "guide": t.user_attrs.get("guide"),
-               "fitness": t.value, "fitness_low": t.user_attrs.get("fitness_low", t.intermediate_values.get(0)),
-               "wall_s": t.user_attrs.get("wall_s"), "budget_sparsity": t.user_attrs.get("budget_sparsity"),
-               "start": t.datetime_start}
+               "fitness": t.values[0] if t.values else None,
+               "fitness_low": t.user_attrs.get("fitness_low", t.intermediate_values.get(0)),
+               "wall_s": t.user_attrs.get("wall_s"), "target_sparsity": ws.range_target(t.params[LEVEL_PARAM]) if ws.multi else ws.space.target,
+               "budget_sparsity": t.user_attrs.get("budget_sparsity"), "start": t.datetime_start}
         alloc = t.user_attrs.get("allocation")
+        row["nonzero_params"] = ws.nonzero_params(np.asarray(alloc)) if alloc else None
         for i, u in enumerate(ws.space.units):
             row[f"s[{u}]"] = alloc[i] if alloc else None
             row[param_name(u)] = t.params.get(param_name(u))
@@ -363,7 +414,8 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
                device: str = "cpu", batch_size: int = 8, report_ppl: tuple[str, ...] = ("wikitext2",),
                report_limit: int | None = None, progress: bool = True,
                guide: Callable[..., None] | None = None) -> dict:
-    """Run (or resume) a search; writes trials.parquet, best_config.json and report.json into ``out``.
+    """Run (or resume) a search; writes trials.parquet, best_config.json (for a budget range: the Pareto front,
+    pareto.csv and pareto/*.json) and report.json into ``out``.
 
     ``guide`` replaces the plain optimize loop of this process (same arguments as ``_optimize``), e.g. the
     predictor-guided loop of ``search.guided.Guide``; extra workers still run the plain sampler."""
@@ -371,6 +423,10 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
         trials = 100
     if workers < 1:
         raise ValueError("--workers must be at least 1")
+    settings.validate()
+    if guide is not None and settings.multi_objective:
+        raise ValueError("the accuracy predictor guides single-budget runs; a budget range needs --predictor off")
+    fresh = not (out / "run_config.json").exists()
     check_run_folder(settings, out)
     handler = logging.FileHandler(out / "search.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
@@ -379,7 +435,13 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
     logging.getLogger("prunesearch").setLevel(logging.INFO)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        ws = Workspace(settings, out, device, batch_size)
+        try:
+            ws = Workspace(settings, out, device, batch_size)
+        except Exception:
+            if fresh:  # the settings were refused: leave the folder as empty as it was, for a corrected command
+                for child in out.iterdir():
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            raise
         study = open_study(settings, out, storage, study_name, ws.space)
         enqueue_seeds(study, ws, requeue_running=storage is None)
         deadline = time.time() + time_budget if time_budget else None
@@ -409,6 +471,22 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
         handler.close()
 
 
+def _config(ws: Workspace, t: optuna.trial.FrozenTrial) -> dict:
+    """A trial's allocation as a ``prunesearch prune --config`` file, with the protocol of its fitness."""
+    s = ws.settings
+    meta = {"fitness": t.values[0], "fitness_kind": s.fitness, "trial": t.number,
+            "label": t.user_attrs.get("seed", s.sampler), "budget": s.budget,
+            "budget_sparsity": t.user_attrs["budget_sparsity"], "pruner": s.pruner, "model": ws.source,
+            "granularity": s.granularity, "seqlen": ws.seqlen, "fitness_data": ws.heldout_protocol,
+            "fitness_samples": s.fitness_samples, "calib": ws.calib_protocol, "nsamples": s.nsamples,
+            "seed": s.seed}
+    return ws.space.to_config(np.asarray(t.user_attrs["allocation"]), s.pattern, meta)
+
+
+def _alloc(t: optuna.trial.FrozenTrial) -> np.ndarray:
+    return np.asarray(t.user_attrs["allocation"])
+
+
 def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str, ...], report_limit: int | None,
            interrupted: bool = False) -> dict:
     """Write the results folder and return the summary: best found against every heuristic seed."""
@@ -420,30 +498,87 @@ def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str,
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not complete:
         return {"trials": len(frame), "best": None, "interrupted": interrupted}
-    best = min(complete, key=lambda t: t.value)
     seeds = {t.user_attrs["seed"]: t for t in complete if "seed" in t.user_attrs}
     s = ws.settings
-    meta = {"fitness": best.value, "fitness_kind": s.fitness, "trial": best.number,
-            "label": best.user_attrs.get("seed", s.sampler), "budget": s.budget,
-            "budget_sparsity": best.user_attrs["budget_sparsity"], "pruner": s.pruner, "model": ws.source,
-            "granularity": s.granularity, "seqlen": ws.seqlen, "fitness_data": ws.heldout_protocol,
-            "fitness_samples": s.fitness_samples, "calib": ws.calib_protocol, "nsamples": s.nsamples,
-            "seed": s.seed}
-    config = ws.space.to_config(np.asarray(best.user_attrs["allocation"]), s.pattern, meta)
-    (out / "best_config.json").write_text(json.dumps(config, indent=2))
     summary = {
         "trials": len(frame), "complete": len(complete),
-        "pruned": int((frame["state"] == "PRUNED").sum()), "interrupted": interrupted,
-        "fitness_kind": s.fitness, "best": {"trial": best.number, "label": meta["label"], "fitness": best.value,
-                                            "allocation": config["sparsity"]},
-        "seeds": {label: {"trial": t.number, "fitness": t.value} for label, t in seeds.items()},
+        "pruned": int((frame["state"] == "PRUNED").sum()), "interrupted": interrupted, "fitness_kind": s.fitness,
         "median_trial_s": float(frame.loc[frame["state"] == "COMPLETE", "wall_s"].median()),
     }
+    if ws.multi:
+        summary.update(_front(study, ws, out, seeds, report_ppl, report_limit))
+    else:
+        best = min(complete, key=lambda t: t.value)
+        config = _config(ws, best)
+        (out / "best_config.json").write_text(json.dumps(config, indent=2))
+        summary["best"] = {"trial": best.number, "label": config["meta"]["label"], "fitness": best.value,
+                           "allocation": config["sparsity"]}
+        summary["seeds"] = {label: {"trial": t.number, "fitness": t.value} for label, t in seeds.items()}
+        if report_ppl:
+            allocs = {"best": _alloc(best), **{label: _alloc(t) for label, t in seeds.items()}}
+            summary["report_ppl"] = _report_ppl(ws, allocs, list(report_ppl), report_limit)
     if report_ppl:
-        allocs = {"best": np.asarray(best.user_attrs["allocation"])}
-        allocs.update({label: np.asarray(t.user_attrs["allocation"]) for label, t in seeds.items()})
-        summary["report_ppl"] = _report_ppl(ws, allocs, list(report_ppl), report_limit)
         summary["report_protocol"] = {"datasets": list(report_ppl), "windows_limit": report_limit,
                                       "seqlen": ws.seqlen, "realized_with": f"{s.pruner} one-shot, sequential"}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _front(study: optuna.Study, ws: Workspace, out: Path, seeds: dict, report_ppl: tuple[str, ...],
+           report_limit: int | None) -> dict:
+    """The Pareto front of a multi-objective run: ``pareto/*.json`` configs, ``pareto.csv``, ``pareto.png``, and
+    every seed against the best front allocation at least as sparse as it."""
+    import pandas as pd
+
+    front = sorted(study.best_trials, key=lambda t: (t.values[1], t.values[0]))
+    folder = out / "pareto"
+    if folder.exists():
+        shutil.rmtree(folder)  # rewritten from the study, so a resumed run's front replaces the old one
+    folder.mkdir()
+    rows = []
+    for t in front:
+        name = f"sparsity-{t.values[1]:.4f}-trial{t.number}.json"
+        (folder / name).write_text(json.dumps(_config(ws, t), indent=2))
+        rows.append({"trial": t.number, "label": t.user_attrs.get("seed", ws.settings.sampler),
+                     "sparsity": t.values[1], "nonzero_params": ws.nonzero_params(_alloc(t)),
+                     "fitness": t.values[0], "config": f"pareto/{name}"})
+    pd.DataFrame(rows).to_csv(out / "pareto.csv", index=False)
+
+    def point(t: optuna.trial.FrozenTrial) -> dict:
+        return {"trial": t.number, "fitness": t.values[0], "sparsity": t.values[1]}
+
+    by_number = {t.number: t for t in front}
+    versus = {}
+    for label, t in seeds.items():
+        at_least = [f for f in front if f.values[1] >= t.values[1] - 1e-9]
+        versus[label] = {**point(t), "front": point(min(at_least, key=lambda f: f.values[0])) if at_least else None}
+    _plot_front(study, front, seeds, ws.settings.fitness, out / "pareto.png")
+    summary = {"objectives": [ws.settings.fitness, "sparsity"], "front": rows, "seeds": versus}
+    if report_ppl:
+        allocs = {label: _alloc(t) for label, t in seeds.items()}
+        for label, v in versus.items():
+            if label.startswith("uniform@") and v["front"] is not None:
+                allocs[f"front@{label.partition('@')[2]}"] = _alloc(by_number[v["front"]["trial"]])
+        summary["report_ppl"] = _report_ppl(ws, allocs, list(report_ppl), report_limit)
+    return summary
+
+
+def _plot_front(study: optuna.Study, front: list, seeds: dict, fitness_kind: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([t.values[1] for t in done], [t.values[0] for t in done], s=8, c="0.7", label="trials")
+    ax.plot([t.values[1] for t in front], [t.values[0] for t in front], "o-", c="C0", ms=4, label="Pareto front")
+    families = sorted({label.partition("@")[0] for label in seeds})
+    for i, family in enumerate(families):
+        pts = [t for label, t in seeds.items() if label.partition("@")[0] == family]
+        ax.scatter([t.values[1] for t in pts], [t.values[0] for t in pts], marker="x", c=f"C{i + 1}", label=family)
+    ax.set(xlabel="mean sparsity", ylabel=f"{fitness_kind} (search data)", yscale="log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -164,3 +164,17 @@ def parse_budget(text: str, lay: ModelLayout, total_params: int) -> tuple[str, f
             )
         return kind, count, target
     raise ValueError(f"unknown budget kind {kind!r}; this version supports sparsity=… and params=…")
+
+
+def parse_budget_range(text: str, lay: ModelLayout, total_params: int) -> tuple[str, str, tuple[float, float]]:
+    """A budget or a budget range such as ``sparsity=0.6:0.8`` or ``params=4M:6M`` (a multi-objective run trades
+    fitness against the budget inside the range). Returns (kind, value text, (lowest, highest) target sparsity);
+    a single budget gives equal ends."""
+    kind, sep, value = text.partition("=")
+    ends = value.split(":")
+    if not sep or len(ends) > 2 or not all(ends):
+        raise ValueError(f"budget must look like sparsity=0.7, params=5M or a range sparsity=0.6:0.8, got {text!r}")
+    targets = sorted(parse_budget(f"{kind}={end}", lay, total_params)[2] for end in ends)
+    if len(ends) == 2 and targets[0] == targets[1]:
+        raise ValueError(f"budget range {text!r} has equal ends; give a single budget instead")
+    return kind, value, (targets[0], targets[-1])

@@ -161,3 +161,98 @@ def test_search_with_the_sparsegpt_database_runs_seeds_and_stays_on_the_level_gr
     alloc = complete[[f"s[{i}]" for i in range(4)]].to_numpy()
     np.testing.assert_allclose(alloc / 0.1, np.round(alloc / 0.1), atol=1e-9)
     np.testing.assert_allclose(alloc.mean(axis=1), 0.6, atol=1e-12)
+
+
+def _dominates(a, b) -> bool:
+    """Minimize fitness, maximize sparsity."""
+    return a.fitness <= b.fitness and a.budget_sparsity >= b.budget_sparsity and (
+        a.fitness < b.fitness or a.budget_sparsity > b.budget_sparsity)
+
+
+def test_budget_range_searches_the_pareto_front_of_fitness_and_sparsity(tiny_llama_dir, tiny_calib_file, tmp_path):
+    out = tmp_path / "run"
+    settings = search_settings(tiny_llama_dir, tiny_calib_file, budget="sparsity=0.5:0.7", sampler="nsga2")
+    summary = _run(settings, out, trials=24)
+    frame = pd.read_parquet(out / "trials.parquet")
+    complete = frame[frame.state == "COMPLETE"]
+    assert len(complete) == 24  # a multi-objective study measures every trial in full
+    # Every trial meets its own sampled budget exactly, inside the range.
+    np.testing.assert_allclose(complete.budget_sparsity, complete.target_sparsity, atol=1e-9)
+    assert complete.target_sparsity.between(0.5, 0.7).all()
+    assert complete.target_sparsity.nunique() > 3
+    seeds = {f"{label}@{t}" for label in SEEDS for t in ("0.5", "0.6", "0.7")}
+    assert set(summary["seeds"]) == seeds
+    assert set(frame.number[frame.label.isin(seeds)]) == set(range(15))  # measured first
+    # The front is exactly the non-dominated completed trials.
+    on_front = {r["trial"] for r in summary["front"]}
+    rows = list(complete.itertuples())
+    for r in rows:
+        dominated = any(_dominates(o, r) for o in rows)
+        assert (r.number in on_front) == (not dominated), r.number
+    # Each seed is compared with the best front allocation at least as sparse.
+    for label, v in summary["seeds"].items():
+        assert v["front"]["sparsity"] >= v["sparsity"] - 1e-9
+        assert v["front"]["fitness"] <= v["fitness"]
+    # Every front config is a prune config that realizes the sparsity it claims.
+    pareto = pd.read_csv(out / "pareto.csv")
+    assert set(pareto.trial) == on_front and (out / "pareto.png").stat().st_size > 0
+    assert sorted(p.name for p in (out / "pareto").iterdir()) == sorted(c.split("/")[1] for c in pareto.config)
+    ws = Workspace(settings, tmp_path / "ws")
+    for row in pareto.itertuples():
+        config = SparsityConfig.load(out / row.config)
+        assert config.to_dict()["sparsity"] == json.loads((out / row.config).read_text())["sparsity"]
+        alloc = np.array([config.sparsity[str(i)] for i in range(4)])
+        assert ws.space.mean(alloc) == pytest.approx(row.sparsity, abs=1e-12)
+        ws.realize(alloc)
+        targets = ws.space.to_targets(alloc)
+        for r in sparsity_table(ws.model):
+            pruned = r["actual_sparsity"] * r["shape"][0] * r["shape"][1]
+            assert round(pruned) == expected_pruned(tuple(r["shape"]), Target(targets[r["name"]]))
+        assert row.nonzero_params == ws.nonzero_params(alloc)
+    # Re-running resumes: the earlier trials are kept and no seed is measured twice.
+    _run(settings, out, trials=30)
+    again = pd.read_parquet(out / "trials.parquet")
+    assert (again.state == "COMPLETE").sum() == 30
+    np.testing.assert_array_equal(again.fitness[:24], frame.fitness)
+    assert again.label.isin(seeds).sum() == 15
+
+
+def test_budget_range_refuses_what_it_cannot_do(tiny_llama_dir, tiny_calib_file, tmp_path):
+    for kw, match in ((dict(sampler="evo"), "evolutionary sampler keeps one budget"),
+                      (dict(pruner="sparsegpt"), "level database is built for one budget"),
+                      (dict(budget="sparsity=0.6:0.6"), "equal ends"),
+                      (dict(budget="sparsity=0.5:0.95"), "infeasible")):
+        settings = search_settings(tiny_llama_dir, tiny_calib_file, **{"budget": "sparsity=0.5:0.7", **kw})
+        with pytest.raises(ValueError, match=match):
+            _run(settings, tmp_path / "run", trials=2)
+    with pytest.raises(ValueError, match="--predictor off"):
+        _run(search_settings(tiny_llama_dir, tiny_calib_file, budget="sparsity=0.5:0.7"), tmp_path / "run", trials=2,
+             guide=lambda *a: None)
+    # The refused commands left the folder free for a corrected one.
+    _run(search_settings(tiny_llama_dir, tiny_calib_file), tmp_path / "run", trials=6)
+
+
+def test_cli_budget_range_defaults_to_nsga2_and_reports_front_against_seeds(tiny_llama_dir, tiny_calib_file, tmp_path,
+                                                                            capsys):
+    from predictors.features import make_spec
+    from predictors.pairs import run_pairs
+    from prunesearch.cli import main
+
+    out = tmp_path / "run"
+    assert main(["search", "--model", str(tiny_llama_dir), "--budget", "sparsity=0.5:0.7", "--calib",
+                 str(tiny_calib_file), "--nsamples", "4", "--seqlen", "32", "--fitness-samples", "6",
+                 "--low-fidelity-samples", "2", "--min-sparsity", "0.3", "--max-sparsity", "0.9", "--trials", "18",
+                 "--report-ppl", str(tiny_calib_file), "--report-limit", "4", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Pareto front" in printed and "uniform@0.6" in printed
+    assert json.loads((out / "run_config.json").read_text())["sampler"] == "nsga2"
+    assert not (out / "predictor_rounds.jsonl").exists()
+    report = json.loads((out / "report.json").read_text())
+    ppl = report["report_ppl"]
+    assert {"front@0.5", "front@0.6", "front@0.7", "uniform@0.5", "owl@0.7"} <= set(ppl)
+    assert all(v[str(tiny_calib_file)] > 1 for v in ppl.values())
+    # Pairs of a range run train the predictor: the per-trial budget is its own feature.
+    spec = make_spec()
+    pairs = run_pairs(out, spec)
+    target = pairs.X[:, spec["names"].index("target_sparsity")]
+    assert len(pairs) == 18 and 0.5 - 1e-9 <= target.min() < target.max() <= 0.7 + 1e-9

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from conftest import tiny_model
 from pruners.registry import layout
 from search.seeds import atp, heuristic_seeds, owl, uniform
-from search.space import Space, make_space, parse_budget
+from search.space import Space, make_space, parse_budget, parse_budget_range
 
 
 def _space(sizes, target, low, high) -> Space:
@@ -108,6 +108,13 @@ def test_budget_parsing():
         parse_budget("flops=1e9", lay, total)
     with pytest.raises(ValueError, match="infeasible"):
         parse_budget("params=10", lay, total)
+    assert parse_budget_range("sparsity=0.7", lay, total) == ("sparsity", "0.7", (0.7, 0.7))
+    assert parse_budget_range("sparsity=0.8:0.6", lay, total)[2] == (0.6, 0.8)
+    kind, _, (low, high) = parse_budget_range(f"params={total - prunable // 4}:{total - prunable // 2}", lay, total)
+    assert kind == "params" and (low, high) == (pytest.approx(0.25), pytest.approx(0.5))  # more params, less sparse
+    for bad in ("sparsity=0.5:", "sparsity=0.5:0.6:0.7", "sparsity=0.5:0.5", "0.5:0.7"):
+        with pytest.raises(ValueError, match="budget"):
+            parse_budget_range(bad, lay, total)
 
 
 def test_evolution_moves_are_budget_neutral():
