@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -122,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fitness-samples", type=int, default=32, help="held-out sequences per full evaluation")
     p.add_argument("--low-fidelity-samples", type=int, default=8, help="sequences of the first, cheap rung")
     p.add_argument("--report-ppl", default="wikitext2", help="datasets reported (never searched) for the best "
-                                                            "allocation and the seeds; '' for none")
+                                                            "allocation and the seeds: perplexity and KL to the "
+                                                            "dense model; '' for none")
     p.add_argument("--report-limit", type=int, default=256,
                    help="at most this many windows per report dataset (default: 256; 0 for all)")
     p.add_argument("--out", required=True, help="run folder (re-running the same command resumes)")
@@ -491,6 +493,20 @@ def cmd_ast(args) -> int:
     return 0
 
 
+def _report_columns(summary: dict) -> tuple[list[str], Callable[[str], str]]:
+    """Header cells and a row formatter for the report data (KL to dense and PPL per dataset) of a summary."""
+    ppl, kl = summary.get("report_ppl", {}), summary.get("report_kl", {})
+    datasets = list(next(iter(ppl.values()), {}))
+    header = [f"{d + ' ' + m:>16}" for d in datasets for m in ("kl", "ppl")]
+
+    def cells(label: str) -> str:
+        if label not in ppl:
+            return " ".join(f"{'':>16}" for _ in header)
+        return " ".join(f"{kl[label][d]:>16.5f} {ppl[label][d]:>16.3f}" for d in datasets)
+
+    return header, cells
+
+
 def _print_summary(summary: dict, out: Path) -> None:
     if summary.get("best", 0) is None:
         print(f"no trial completed; everything so far is kept in {out}")
@@ -499,12 +515,11 @@ def _print_summary(summary: dict, out: Path) -> None:
         _print_front(summary, out)
         return
     kind = summary["fitness_kind"]
-    ppl = summary.get("report_ppl", {})
-    datasets = next(iter(ppl.values()), {}).keys() if ppl else []
-    print(f"\n{'allocation':<14} {kind + ' (search data)':>20} " + " ".join(f"{d + ' ppl':>16}" for d in datasets))
+    header, cells = _report_columns(summary)
+    print(f"\n{'allocation':<14} {kind + ' (search data)':>20} " + " ".join(header))
     rows = [("best", summary["best"]["fitness"])] + [(k, v["fitness"]) for k, v in summary["seeds"].items()]
     for label, fit in rows:
-        print(f"{label:<14} {fit:>20.5f} " + " ".join(f"{ppl[label][d]:>16.3f}" for d in datasets))
+        print(f"{label:<14} {fit:>20.5f} " + cells(label))
     alloc = ", ".join(f"{k}: {v:.3f}" for k, v in summary["best"]["allocation"].items())
     print(f"best ({summary['best']['label']}, trial {summary['best']['trial']}): {alloc}")
     print(f"{summary['trials']} trials ({summary['pruned']} stopped early at low fidelity), "
@@ -517,19 +532,16 @@ def _print_front(summary: dict, out: Path) -> None:
     print(f"{'sparsity':>9} {kind:>10} {'trial':>6}  label")
     for row in summary["front"]:
         print(f"{row['sparsity']:>9.4f} {row['fitness']:>10.5f} {row['trial']:>6}  {row['label']}")
-    ppl = summary.get("report_ppl", {})
-    datasets = list(next(iter(ppl.values()), {}))
-    print(f"\n{'seed':<16} {kind + ' (search data)':>20} {'front, as sparse':>17} "
-          + " ".join(f"{d + ' ppl':>16} {'front':>8}" for d in datasets))
+    print("\nEach seed against the best front allocation at least as sparse (front@budget):")
+    header, cells = _report_columns(summary)
+    print(f"{'allocation':<16} {'sparsity':>9} {kind + ' (search data)':>20} " + " ".join(header))
     for label, v in summary["seeds"].items():
+        budget = label.partition("@")[2]
         front = v["front"]
-        cells = []
-        for d in datasets:
-            mine = ppl.get(label, {}).get(d)
-            theirs = ppl.get(f"front@{label.partition('@')[2]}", {}).get(d)
-            cells.append(f"{mine:>16.3f} " + (f"{theirs:>8.3f}" if theirs is not None else f"{'':>8}"))
-        print(f"{label:<16} {v['fitness']:>20.5f} " + (f"{front['fitness']:>17.5f}" if front else f"{'-':>17}")
-              + " " + " ".join(cells))
+        if label.startswith("uniform@") and front is not None:
+            print(f"{'front@' + budget:<16} {front['sparsity']:>9.4f} {front['fitness']:>20.5f} "
+                  + cells(f"front@{budget}"))
+        print(f"{label:<16} {v['sparsity']:>9.4f} {v['fitness']:>20.5f} " + cells(label))
     print(f"{summary['trials']} trials, median trial {summary['median_trial_s']:.2f}s; results in {out}")
 
 

@@ -386,25 +386,34 @@ def trials_frame(study: optuna.Study, ws: Workspace):
     return pd.DataFrame(rows)
 
 
-def _report_ppl(ws: Workspace, allocations: dict[str, np.ndarray], datasets: list[str], limit: int | None
-                ) -> dict[str, dict[str, float]]:
+def _report(ws: Workspace, allocations: dict[str, np.ndarray], datasets: list[str], limit: int | None
+            ) -> dict[str, dict[str, dict[str, float]]]:
     """Reporting data, never seen by the search: each allocation pruned for real with the sequential one-shot
-    protocol (the way ``prunesearch prune --config`` realizes it), then perplexity."""
+    protocol (the way ``prunesearch prune --config`` realizes it), then perplexity and KL to the dense model on
+    the same windows. Both are kept because they can disagree: pruning noise can lower the perplexity of a small
+    model on text unlike its training data, while KL only measures the distance to the dense model.
+    Returns ``{"ppl": {label: {dataset: value}}, "kl": {...}}``."""
+    import math
+
     from prunesearch import data
-    from prunesearch.evaluate import perplexity
+    from prunesearch.evaluate import DenseReference, window_nll, windows
     from pruners.masks import Target
     from pruners.oneshot import make_pruner, prune_model
 
     s = ws.settings
     calib = ws.calibration_ids()
-    streams = {d: data.eval_ids(ws.tokenizer, d, s.data_dir) for d in datasets}
-    out: dict[str, dict[str, float]] = {}
+    ws.realizer.apply({})
+    wins = {d: windows(data.eval_ids(ws.tokenizer, d, s.data_dir), ws.seqlen, limit) for d in datasets}
+    refs = {d: DenseReference.compute(ws.model, w, ws.batch_size) for d, w in wins.items()}
+    out: dict[str, dict[str, dict[str, float]]] = {"ppl": {}, "kl": {}}
     device = next(ws.model.parameters()).device
     for label, alloc in allocations.items():
         ws.realizer.apply({})
         targets = {n: Target(v, ws.m) for n, v in ws.space.to_targets(alloc).items()}
         prune_model(ws.model, make_pruner(s.pruner), targets, calib, device=device, batch_size=ws.batch_size)
-        out[label] = {d: perplexity(ws.model, ids, ws.seqlen, ws.batch_size, limit) for d, ids in streams.items()}
+        out["ppl"][label] = {d: math.exp(float(window_nll(ws.model, w, ws.batch_size).mean()))
+                             for d, w in wins.items()}
+        out["kl"][label] = {d: refs[d].kl(ws.model, ws.batch_size) for d in datasets}
     ws.realizer.apply({})
     return out
 
@@ -516,7 +525,8 @@ def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str,
         summary["seeds"] = {label: {"trial": t.number, "fitness": t.value} for label, t in seeds.items()}
         if report_ppl:
             allocs = {"best": _alloc(best), **{label: _alloc(t) for label, t in seeds.items()}}
-            summary["report_ppl"] = _report_ppl(ws, allocs, list(report_ppl), report_limit)
+            report = _report(ws, allocs, list(report_ppl), report_limit)
+            summary["report_ppl"], summary["report_kl"] = report["ppl"], report["kl"]
     if report_ppl:
         summary["report_protocol"] = {"datasets": list(report_ppl), "windows_limit": report_limit,
                                       "seqlen": ws.seqlen, "realized_with": f"{s.pruner} one-shot, sequential"}
@@ -559,7 +569,8 @@ def _front(study: optuna.Study, ws: Workspace, out: Path, seeds: dict, report_pp
         for label, v in versus.items():
             if label.startswith("uniform@") and v["front"] is not None:
                 allocs[f"front@{label.partition('@')[2]}"] = _alloc(by_number[v["front"]["trial"]])
-        summary["report_ppl"] = _report_ppl(ws, allocs, list(report_ppl), report_limit)
+        report = _report(ws, allocs, list(report_ppl), report_limit)
+        summary["report_ppl"], summary["report_kl"] = report["ppl"], report["kl"]
     return summary
 
 

@@ -251,6 +251,19 @@ def test_cli_budget_range_defaults_to_nsga2_and_reports_front_against_seeds(tiny
     ppl = report["report_ppl"]
     assert {"front@0.5", "front@0.6", "front@0.7", "uniform@0.5", "owl@0.7"} <= set(ppl)
     assert all(v[str(tiny_calib_file)] > 1 for v in ppl.values())
+    assert set(report["report_kl"]) == set(ppl)
+    # The reported KL is the dense-vs-pruned KL of the allocation realized by sequential one-shot Wanda.
+    from prunesearch import data
+    from prunesearch.evaluate import DenseReference, windows
+    from pruners.oneshot import make_pruner, prune_model
+
+    ws = Workspace(search_settings(tiny_llama_dir, tiny_calib_file, budget="sparsity=0.5:0.7"), tmp_path / "ws")
+    wins = windows(data.eval_ids(ws.tokenizer, str(tiny_calib_file)), 32, 4)
+    ref = DenseReference.compute(ws.model, wins)
+    alloc = ws.space_at(0.7).project(np.full(4, 0.7))
+    prune_model(ws.model, make_pruner("wanda"), {n: Target(v) for n, v in ws.space.to_targets(alloc).items()},
+                ws.calibration_ids())
+    assert report["report_kl"]["uniform@0.7"][str(tiny_calib_file)] == pytest.approx(ref.kl(ws.model), rel=1e-6)
     # Pairs of a range run train the predictor: the per-trial budget is its own feature.
     spec = make_spec()
     pairs = run_pairs(out, spec)
