@@ -349,21 +349,12 @@ def _kl(model, tokenizer, seqlen: int, device: str, args) -> dict:
     from prunesearch import data
     from prunesearch.cache import cache_dir
     from prunesearch.evaluate import DenseReference, reference_key
-    from prunesearch.models import load_model
+    from prunesearch.models import load_model, model_source
 
     ids = data.heldout_ids(tokenizer, args.kl_samples, seqlen, args.seed, args.data_dir)
-    ref_model_arg = None if args.kl_ref == "default" else args.kl_ref
-    from prunesearch.models import model_source
-
-    ref_source = model_source(ref_model_arg)
+    ref_source = model_source(None if args.kl_ref == "default" else args.kl_ref)
     path = cache_dir("references") / f"{reference_key(ref_source, ids, None)}.safetensors"
-    if path.exists():
-        ref = DenseReference.load(path)
-    else:
-        dense, _, _ = load_model(ref_source, device, args.dtype)
-        ref = DenseReference.compute(dense, ids, args.batch_size)
-        ref.save(path)
-        del dense
+    ref = DenseReference.cached(path, lambda: load_model(ref_source, device, args.dtype)[0], ids, args.batch_size)
     kl = ref.kl(model, args.batch_size)
     _log(f"KL to {ref_source}: {kl:.5f}")
     return {"kl": kl, "reference": ref_source, "tokens": int(ids.numel()), "seqlen": seqlen,

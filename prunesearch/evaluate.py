@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,6 +117,17 @@ class DenseReference:
     def load(cls, path: str | Path) -> DenseReference:
         t = load_file(str(path))
         return cls(t["ids"], t.get("logprobs"), t.get("indices"), t.get("expected"), t.get("constant"))
+
+    @classmethod
+    def cached(cls, path: str | Path, model: nn.Module | Callable[[], nn.Module], ids: torch.Tensor,
+               batch_size: int = 8) -> DenseReference:
+        """The reference saved at ``path``, or computed from ``model`` (a module, or a loader called only when
+        nothing is saved) and saved there; the dense pass is paid once per model and token set."""
+        if Path(path).exists():
+            return cls.load(path)
+        ref = cls.compute(model if isinstance(model, nn.Module) else model(), ids, batch_size)
+        ref.save(path)
+        return ref
 
     def kl_terms(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
         """Per-token KL(P_dense ‖ P_model) for the reference rows ``rows`` given the model's logits on them

@@ -147,11 +147,7 @@ class Workspace:
         ref_key = settings.key("model", "fitness_samples", "seqlen", "seed", "data_dir")
         ref_path = cache / f"reference-{ref_key}.safetensors"
         if settings.fitness == "kl":
-            if ref_path.exists():
-                self.reference = DenseReference.load(ref_path)
-            else:
-                self.reference = DenseReference.compute(self.model, self.heldout, batch_size)
-                self.reference.save(ref_path)
+            self.reference = DenseReference.cached(ref_path, self.model, self.heldout, batch_size)
 
     def calibration_ids(self) -> torch.Tensor:
         """The calibration sequences the pruner's statistics come from (also used to realize the report)."""

@@ -97,3 +97,22 @@ def test_hidden_size_reference_gives_the_full_vocabulary_kl_on_every_family(fami
     assert ref.kl(dense) == pytest.approx(0.0, abs=1e-5)
     ref.save(tmp_path / "ref.safetensors")
     assert DenseReference.load(tmp_path / "ref.safetensors").kl(student) == pytest.approx(expected, rel=1e-4)
+
+
+def test_cached_reference_loads_the_dense_model_only_when_nothing_is_saved(tmp_path):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    loads = []
+
+    def loader():
+        loads.append(1)
+        return model
+
+    path = tmp_path / "ref.safetensors"
+    first = DenseReference.cached(path, loader, ids, batch_size=2)
+    second = DenseReference.cached(path, loader, ids, batch_size=2)
+    assert len(loads) == 1 and path.exists()
+    torch.testing.assert_close(second.expected, first.expected, rtol=0, atol=0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(0.5)
+    assert second.kl(model) == pytest.approx(first.kl(model)) and first.kl(model) > 0
