@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import yaml
 
@@ -193,13 +192,32 @@ def prepare_offline_tasks(tasks: list[str], data_dir: str | Path) -> Path:
 
 
 @contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of a block, then restore what was there."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
 def _offline() -> Iterator[None]:
     """Keep ``datasets`` off the hub and lm-eval's bootstrap in this process (no fork of a process holding a model)."""
     import datasets
 
-    with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True), \
-            mock.patch.dict(os.environ, {"HF_DATASETS_OFFLINE": "1", "DISABLE_MULTIPROC": "1"}):
-        yield
+    before = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        with _environ(HF_DATASETS_OFFLINE="1", DISABLE_MULTIPROC="1"):
+            yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
 
 
 def offline_tasks(tasks: list[str], data_dir: str | Path) -> dict[str, Any]:
@@ -241,7 +259,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], data_dir: str | Path | No
         if not hub_reachable():
             raise ValueError("zero-shot tasks need a data_dir (or PRUNESEARCH_DATA_DIR) with the offline task files, "
                              "or a reachable Hugging Face hub for the stock tasks")
-        specs, manager, context = list(tasks), TaskManager(), mock.patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"})
+        specs, manager, context = list(tasks), TaskManager(), _environ(DISABLE_MULTIPROC="1")
         protocol |= {"source": "hub", "task_dir": None}
     device = device or str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)

@@ -168,3 +168,18 @@ def test_conversions_are_reused_until_a_source_changes(cache, tmp_path):
     assert (folder / "hellaswag.jsonl").stat().st_mtime_ns == stamps["hellaswag.jsonl"]
     rows = (folder / "piqa.jsonl").read_text().splitlines()
     assert [json.loads(row)["label"] for row in rows] == [0, 1, 1, 1, 0, 1]
+
+
+def test_offline_block_restores_the_environment_and_datasets_config(monkeypatch):
+    import datasets
+
+    from prunesearch.zeroshot import _offline
+
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    with _offline():
+        assert os.environ["HF_DATASETS_OFFLINE"] == "1" and os.environ["DISABLE_MULTIPROC"] == "1"
+        assert datasets.config.HF_HUB_OFFLINE is True
+    assert "DISABLE_MULTIPROC" not in os.environ and os.environ["HF_DATASETS_OFFLINE"] == "0"
+    assert datasets.config.HF_HUB_OFFLINE is False
