@@ -245,7 +245,8 @@ class Workspace:
         finally:
             trial.set_user_attr("wall_s", time.perf_counter() - t)
         trial.set_user_attr("fitness_low", result["fitness_low"])
-        return (result["fitness"], sparsity) if self.multi else result["fitness"]
+        # rounded so that allocations on the same budget level tie exactly instead of by float noise
+        return (result["fitness"], round(sparsity, 9)) if self.multi else result["fitness"]
 
 
 def open_study(settings: SearchSettings, out: Path, storage: str | None, study_name: str, space: Space,

@@ -164,9 +164,9 @@ def test_search_with_the_sparsegpt_database_runs_seeds_and_stays_on_the_level_gr
 
 
 def _dominates(a, b) -> bool:
-    """Minimize fitness, maximize sparsity."""
-    return a.fitness <= b.fitness and a.budget_sparsity >= b.budget_sparsity and (
-        a.fitness < b.fitness or a.budget_sparsity > b.budget_sparsity)
+    """Minimize fitness, maximize sparsity (to 1e-9: equal budgets tie)."""
+    sa, sb = round(a.budget_sparsity, 9), round(b.budget_sparsity, 9)
+    return a.fitness <= b.fitness and sa >= sb and (a.fitness < b.fitness or sa > sb)
 
 
 def test_budget_range_searches_the_pareto_front_of_fitness_and_sparsity(tiny_llama_dir, tiny_calib_file, tmp_path):
