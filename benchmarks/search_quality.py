@@ -22,8 +22,10 @@ from search.engine import SearchSettings, run_search
 
 
 def anytime(frame: pd.DataFrame) -> pd.DataFrame:
-    """Best completed fitness after each real evaluation (pruned trials count: they cost a forward pass)."""
-    frame = frame[frame.state.isin(["COMPLETE", "PRUNED"])].sort_values("number").reset_index(drop=True)
+    """Best completed fitness after each real evaluation (pruned trials count: they cost a forward pass; re-uses
+    of an earlier measurement do not)."""
+    frame = frame[frame.state.isin(["COMPLETE", "PRUNED"]) & frame.duplicate_of.isna()]
+    frame = frame.sort_values("number").reset_index(drop=True)
     best = frame.fitness.where(frame.state == "COMPLETE").cummin().ffill()
     return pd.DataFrame({"evaluations": range(1, len(frame) + 1), "wall_s": frame.wall_s.cumsum(), "best": best})
 

@@ -57,6 +57,8 @@ def run_pairs(run: Path, spec: dict) -> Pairs:
     if missing:
         raise ValueError(f"{trials} lacks the allocation columns {missing[:3]} of its space.json")
     done = frame[(frame.state == "COMPLETE") & frame.fitness.notna()]
+    if "duplicate_of" in done.columns:  # re-uses of an earlier measurement are not new pairs
+        done = done[done.duplicate_of.isna()]
     if done.empty:
         raise ValueError(f"{run} has no completed trials to learn from")
     n = len(done)

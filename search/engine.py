@@ -32,7 +32,7 @@ import torch
 from optuna.trial import TrialState
 
 from pruners.registry import layout
-from search.samplers import make_sampler, param_name
+from search.samplers import allocation_key, make_sampler, param_name
 from search.levels import LevelDatabase, LevelRealizer
 from search.scores import Realizer, ScoreCache
 from search.seeds import heuristic_seeds
@@ -238,6 +238,12 @@ class Workspace:
         sparsity = self.space.mean(alloc)
         trial.set_user_attr("allocation", alloc.tolist())
         trial.set_user_attr("budget_sparsity", sparsity)
+        twin = _measured_twin(trial, alloc)
+        if twin is not None:  # the same effective allocation was measured already: reuse, do not re-measure
+            trial.set_user_attr("duplicate_of", twin.number)
+            trial.set_user_attr("fitness_low", twin.user_attrs.get("fitness_low"))
+            trial.set_user_attr("wall_s", time.perf_counter() - t)
+            return tuple(twin.values) if self.multi else twin.value
         # seeds and predictor-chosen trials are always measured in full; multi-objective studies cannot prune
         full = "seed" in trial.user_attrs or "guide" in trial.user_attrs or self.multi
         try:
@@ -247,6 +253,15 @@ class Workspace:
         trial.set_user_attr("fitness_low", result["fitness_low"])
         # rounded so that allocations on the same budget level tie exactly instead of by float noise
         return (result["fitness"], round(sparsity, 9)) if self.multi else result["fitness"]
+
+
+def _measured_twin(trial: optuna.Trial, alloc: np.ndarray) -> optuna.trial.FrozenTrial | None:
+    """A completed trial of the study with the same effective allocation, if any."""
+    key = allocation_key(alloc)
+    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if "allocation" in t.user_attrs and allocation_key(t.user_attrs["allocation"]) == key:
+            return t
+    return None
 
 
 def open_study(settings: SearchSettings, out: Path, storage: str | None, study_name: str, space: Space,
@@ -369,7 +384,7 @@ def trials_frame(study: optuna.Study, ws: Workspace):
     rows = []
     for t in study.get_trials(deepcopy=False):
         row = {"number": t.number, "state": t.state.name, "label": t.user_attrs.get("seed", s.sampler),
-               "guide": t.user_attrs.get("guide"),
+               "guide": t.user_attrs.get("guide"), "duplicate_of": t.user_attrs.get("duplicate_of"),
                "fitness": t.values[0] if t.values else None,
                "fitness_low": t.user_attrs.get("fitness_low", t.intermediate_values.get(0)),
                "wall_s": t.user_attrs.get("wall_s"), "target_sparsity": ws.range_target(t.params[LEVEL_PARAM]) if ws.multi else ws.space.target,

@@ -112,7 +112,7 @@ def distinct_best(allocs: np.ndarray, score: np.ndarray, n: int, radius: float) 
 
 def _pairs(study: optuna.Study, units: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, list]:
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "allocation" in t.user_attrs]
+            if "allocation" in t.user_attrs and "duplicate_of" not in t.user_attrs]
     allocs = np.array([t.user_attrs["allocation"] for t in done], dtype=np.float64).reshape(len(done), len(units))
     return allocs, np.array([t.value for t in done], dtype=np.float64), done
 

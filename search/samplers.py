@@ -15,12 +15,18 @@ def param_name(unit: str) -> str:
     return f"x[{unit}]"
 
 
+def allocation_key(alloc) -> tuple[float, ...]:
+    """An allocation rounded to 1e-9, so equal allocations compare equal despite float noise."""
+    return tuple(np.round(np.asarray(alloc, dtype=np.float64), 9).tolist())
+
+
 class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
     """(1+λ) evolution whose mutations keep the budget: EvoPress's level switch made continuous.
 
     Each child starts from the best completed allocation and applies 1-3 moves; a move prunes ``step`` × the
     mean unit size more weights in one unit and as many fewer in another (one level of the equal-nonzero grid,
-    ``Space.level_steps``), so the child meets the budget exactly without projection.
+    ``Space.level_steps``), so the child meets the budget exactly without projection. A child that was measured
+    already is redrawn (up to 20 times).
     """
 
     def __init__(self, space: Space, step: float = 0.02, max_moves: int = 3, seed: int | None = None):
@@ -36,12 +42,22 @@ class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
         return {param_name(u): FloatDistribution(self.space.low, self.space.high) for u in self.space.units}
 
     def sample_relative(self, study, trial, search_space):
-        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if "allocation" in t.user_attrs]
+        measured = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                    if "allocation" in t.user_attrs]
+        done = [t for t in measured if t.state == TrialState.COMPLETE]
         if not done:
             return {}
-        best = min(done, key=lambda t: t.value)
-        child = np.asarray(best.user_attrs["allocation"], dtype=np.float64)
+        best = np.asarray(min(done, key=lambda t: t.value).user_attrs["allocation"], dtype=np.float64)
+        seen = {allocation_key(t.user_attrs["allocation"]) for t in measured}
+        for _child in range(20):  # a child that was measured already is redrawn
+            child = self._mutate(best)
+            if allocation_key(child) not in seen:
+                break
+        return {param_name(u): float(v) for u, v in zip(self.space.units, child)}
+
+    def _mutate(self, parent: np.ndarray) -> np.ndarray:
+        """1 to ``max_moves`` level switches between random pairs of units, each inside the bounds."""
+        child = parent.copy()
         sizes, lo, hi = self.space.sizes, self.space.low, self.space.high
         for _ in range(self.rng.integers(1, self.max_moves + 1)):
             for _attempt in range(20):
@@ -51,7 +67,7 @@ class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
                     child[a] += da
                     child[b] -= db
                     break
-        return {param_name(u): float(v) for u, v in zip(self.space.units, child)}
+        return child
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         return self.fallback.sample_independent(study, trial, param_name, param_distribution)

@@ -13,7 +13,7 @@ from conftest import search_settings
 from pruners.masks import Target, expected_pruned
 from pruners.oneshot import sparsity_table
 from pruners.targets import SparsityConfig
-from search.engine import Workspace, run_search
+from search.engine import Workspace, open_study, run_search
 
 SEEDS = {"uniform", "owl", "atp-0.05", "atp-0.1", "atp-0.2"}
 
@@ -269,3 +269,29 @@ def test_cli_budget_range_defaults_to_nsga2_and_reports_front_against_seeds(tiny
     pairs = run_pairs(out, spec)
     target = pairs.X[:, spec["names"].index("target_sparsity")]
     assert len(pairs) == 18 and 0.5 - 1e-9 <= target.min() < target.max() <= 0.7 + 1e-9
+
+
+def test_an_allocation_measured_before_is_reused_not_remeasured(tiny_llama_dir, tiny_calib_file, tmp_path,
+                                                                monkeypatch):
+    from search.samplers import param_name
+
+    out = tmp_path / "run"
+    settings = search_settings(tiny_llama_dir, tiny_calib_file, sampler="evo", level_step=0.1)
+    _run(settings, out, trials=6)
+    frame = pd.read_parquet(out / "trials.parquet")
+    uniform = frame[frame.label == "uniform"].iloc[0]
+    # The same effective allocation asked again, from other sampled values: reused, and no forward pass.
+    ws = Workspace(settings, out)
+    study = open_study(settings, out, None, "prunesearch", ws.space)
+    study.enqueue_trial({param_name(u): 0.9 for u in ws.space.units})  # projected to 0.6 each: uniform
+    monkeypatch.setattr(Workspace, "measure", lambda *a, **k: pytest.fail("measured a known allocation again"))
+    study.optimize(ws.objective, n_trials=1)
+    again = study.trials[-1]
+    assert again.user_attrs["duplicate_of"] == uniform.number and again.value == uniform.fitness
+    # The evolutionary sampler redraws children it has measured: a coarse grid, yet no repeats.
+    monkeypatch.undo()
+    _run(settings, out, trials=30)
+    frame = pd.read_parquet(out / "trials.parquet")
+    fresh = frame[frame.state.isin(["COMPLETE", "PRUNED"]) & frame.duplicate_of.isna()]
+    assert len(fresh) >= 29
+    assert not fresh[[f"s[{i}]" for i in range(4)]].round(9).duplicated().any()
