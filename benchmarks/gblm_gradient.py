@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.oneshot import forward_seconds
+from benchmarks.oneshot import add_common_options, forward_seconds
 from prunesearch import data
 from prunesearch.default_model import DEFAULT_SEQLEN
 from prunesearch.models import load_model
@@ -27,12 +27,7 @@ from pruners.gblm import cached_gradients
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--data-dir")
-    ap.add_argument("--out", default="results/benchmarks")
+    add_common_options(ap)
     args = ap.parse_args()
 
     model, tok, source = load_model(args.model, args.device, "float32")

@@ -80,15 +80,20 @@ def claims(rows: list[dict]) -> list[str]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_options(ap: argparse.ArgumentParser) -> None:
+    """The model, device and calibration options the pruning benchmarks share."""
     ap.add_argument("--model")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--data-dir")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: every method)")
     ap.add_argument("--out", default="results/benchmarks")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_options(ap)
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: every method)")
     args = ap.parse_args()
     methods = args.methods.split(",")
 

@@ -98,3 +98,21 @@ def search_settings(model_dir, calib_file, **kw):
                 fitness_samples=6, low_fidelity_samples=2, min_sparsity=0.3, max_sparsity=0.9)
     base.update(kw)
     return SearchSettings(**base)
+
+
+def interrupt_objective_at(monkeypatch, n: int):
+    """Make the ``n``-th trial objective raise KeyboardInterrupt (a Ctrl-C mid-run); returns the original objective
+    for the test to put back."""
+    from search.engine import Workspace
+
+    calls = {"n": 0}
+    original = Workspace.objective
+
+    def flaky(self, trial):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(self, trial)
+
+    monkeypatch.setattr(Workspace, "objective", flaky)
+    return original

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import search_settings
+from conftest import interrupt_objective_at, search_settings
 from predictors.features import SpaceRecord, depth_weights, features, make_spec
 from predictors.metrics import cross_validate, ranking_metrics, top_precision
 from predictors.model import FitnessPredictor
@@ -196,16 +196,7 @@ def test_guided_run_writes_rounds_and_measures_fewer_than_it_screens(guided_runs
 def test_guided_run_resumes(tiny_llama_dir, tiny_calib_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
     settings = search_settings(tiny_llama_dir, tiny_calib_file)
-    calls = {"n": 0}
-    original = Workspace.objective
-
-    def flaky(self, trial):
-        calls["n"] += 1
-        if calls["n"] == 10:  # the second pick of round 0
-            raise KeyboardInterrupt
-        return original(self, trial)
-
-    monkeypatch.setattr(Workspace, "objective", flaky)
+    original = interrupt_objective_at(monkeypatch, 10)  # the second pick of round 0
     assert _guided(settings, out, 11)["interrupted"]
     monkeypatch.setattr(Workspace, "objective", original)
     assert len(pd.read_parquet(out / "trials.parquet").query("state == 'COMPLETE'")) == 9

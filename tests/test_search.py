@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import search_settings
+from conftest import interrupt_objective_at, search_settings
 from pruners.masks import Target, expected_pruned
 from pruners.oneshot import sparsity_table
 from pruners.targets import SparsityConfig
@@ -62,16 +62,7 @@ def test_a_trial_realizes_the_sparsity_it_claims(tiny_llama_dir, tiny_calib_file
 def test_interrupted_run_resumes_keeping_every_completed_trial(tiny_llama_dir, tiny_calib_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
     settings = search_settings(tiny_llama_dir, tiny_calib_file)
-    calls = {"n": 0}
-    original = Workspace.objective
-
-    def flaky(self, trial):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return original(self, trial)
-
-    monkeypatch.setattr(Workspace, "objective", flaky)
+    original = interrupt_objective_at(monkeypatch, 7)
     summary = _run(settings, out, trials=12)
     assert summary["interrupted"]
     first = pd.read_parquet(out / "trials.parquet")

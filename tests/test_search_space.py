@@ -19,15 +19,20 @@ def _space(sizes, target, low, high) -> Space:
                  tuple((str(i),) for i in range(n)), tuple(range(n)))
 
 
+def _draw_space(data, n: int, max_size: int) -> Space:
+    """A random feasible space: n unit sizes up to ``max_size``, bounds, and a target inside them."""
+    sizes = data.draw(st.lists(st.integers(1, max_size), min_size=n, max_size=n))
+    low = data.draw(st.floats(0.0, 0.6))
+    high = data.draw(st.floats(low, 0.99))
+    return _space(sizes, data.draw(st.floats(low, high)), low, high)
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.data(), n=st.integers(1, 40))
 def test_projection_meets_the_budget_exactly_inside_the_bounds(data, n):
-    sizes = data.draw(st.lists(st.integers(1, 10**7), min_size=n, max_size=n))
-    low = data.draw(st.floats(0.0, 0.6))
-    high = data.draw(st.floats(low, 0.99))
-    target = data.draw(st.floats(low, high))
+    space = _draw_space(data, n, 10**7)
+    low, high, target = space.low, space.high, space.target
     x = np.array(data.draw(st.lists(st.floats(-1.0, 2.0), min_size=n, max_size=n)))
-    space = _space(sizes, target, low, high)
     s = space.project(x)
     assert np.all(s >= low) and np.all(s <= high)
     assert abs(space.mean(s) - target) < 1e-9
@@ -53,12 +58,9 @@ def test_snap_to_nm_levels_keeps_the_budget_for_equal_blocks():
 @settings(max_examples=200, deadline=None)
 @given(data=st.data(), n=st.integers(1, 30))
 def test_level_snapping_lands_on_the_grid_and_keeps_the_budget_exactly(data, n):
-    sizes = data.draw(st.lists(st.integers(1, 10**6), min_size=n, max_size=n))
-    low = data.draw(st.floats(0.0, 0.6))
-    high = data.draw(st.floats(low, 0.99))
-    target = data.draw(st.floats(low, high))
+    space = _draw_space(data, n, 10**6)
+    low, high, target = space.low, space.high, space.target
     step = data.draw(st.sampled_from([0.01, 0.025, 0.05]))
-    space = _space(sizes, target, low, high)
     x = np.array(data.draw(st.lists(st.floats(0.0, 1.0), min_size=n, max_size=n)))
     s = space.snap_levels(space.project(x), step)
     delta = space.level_steps(step)
