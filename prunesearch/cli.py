@@ -21,7 +21,9 @@ class UsageError(Exception):
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local folder or hub id of a causal LM (default: the built-in reference model)")
+    p.add_argument("--model", help="local folder, .gguf file, hub id, or a named packaged model (smollm2-135m) of a "
+                                   "causal LM (default: the built-in reference model)")
+    p.add_argument("--gguf-file", help="with a hub id as --model: the GGUF file in that repository to load")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--seqlen", type=int, help="tokens per sequence (default: 256 for the built-in model, "
@@ -252,7 +254,7 @@ def cmd_prune(args) -> int:
     from pruners.oneshot import global_sparsity, make_pruner, prune_model
     from pruners.registry import layout
     from prunesearch import data
-    from prunesearch.models import load_model, resolve_device
+    from prunesearch.models import describe_model, load_model, resolve_device
 
     out = _check_out(args.out, args.overwrite)
     config = _targets_config(args)
@@ -279,7 +281,8 @@ def cmd_prune(args) -> int:
     report = {
         "method": args.method, "model": source, "config": config.to_dict(), "wbits": args.wbits,
         "global_sparsity": global_sparsity(result["layers"]), "layers": result["layers"],
-        "protocol": {"calib": data.describe(args.calib, args.data_dir) if calib is not None else None,
+        "protocol": {"model": describe_model(source),
+                     "calib": data.describe(args.calib, args.data_dir) if calib is not None else None,
                      "nsamples": args.nsamples if calib is not None else 0, "seqlen": seqlen, "seed": args.seed,
                      "device": device, "dtype": str(next(model.parameters()).dtype)},
         "timings_s": timings,
@@ -322,12 +325,12 @@ def _print_sparsity(rows: list[dict]) -> None:
 
 
 def cmd_eval(args) -> int:
-    from prunesearch.models import load_model, resolve_device
+    from prunesearch.models import describe_model, load_model, resolve_device
 
     device = resolve_device(args.device)
     model, tokenizer, source = load_model(args.model, device, args.dtype)
     seqlen = _seqlen(model, args)
-    results: dict = {"model": source, "seqlen": seqlen}
+    results: dict = {"model": source, "model_protocol": describe_model(source), "seqlen": seqlen}
     names = [n for n in (args.ppl or "").split(",") if n]
     if names:
         results["ppl"] = _perplexities(model, tokenizer, names, seqlen, args)
@@ -412,7 +415,7 @@ def cmd_ast(args) -> int:
     from pruners.quantize import quantize_model, size_report
     from pruners.registry import layout
     from prunesearch import data
-    from prunesearch.models import load_model, resolve_device
+    from prunesearch.models import describe_model, load_model, resolve_device
 
     out = Path(args.out)
     if args.resume:
@@ -462,7 +465,8 @@ def cmd_ast(args) -> int:
     trainer.teacher = None
     report = {
         "model": source, "config": config.to_dict(), "settings": asdict(settings),
-        "protocol": {"train": data.describe(args.calib, args.data_dir), "seqlen": seqlen, "seed": args.seed,
+        "protocol": {"model": describe_model(source), "train": data.describe(args.calib, args.data_dir),
+                     "seqlen": seqlen, "seed": args.seed,
                      "windows": settings.windows, "tokens": settings.windows * seqlen, "device": device},
         "train_seconds_this_run": train_s, "slorb_parameters": slorb_params,
         "slorb_fraction_of_projections": slorb_params / sum(layout(model).numel(n) for n in targets),
@@ -607,6 +611,12 @@ def cmd_predictor_evaluate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "gguf_file", None):
+        if not args.model or not args.gguf_file.endswith(".gguf"):
+            print("prunesearch: error: --gguf-file NAME.gguf needs --model OWNER/REPO (the hub repository holding it)",
+                  file=sys.stderr)
+            return 2
+        args.model = f"{args.model}/{args.gguf_file}"
     import transformers
 
     transformers.utils.logging.disable_progress_bar()

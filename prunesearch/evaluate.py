@@ -177,9 +177,9 @@ def reference_key(model_source: str, ids: torch.Tensor, topk: int | None) -> str
     h = hashlib.sha256()
     path = Path(model_source)
     h.update(model_source.encode())
-    if path.exists():
-        for f in sorted(path.glob("*.safetensors")):
-            h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    weights = [path] if path.is_file() else sorted(path.glob("*.safetensors")) if path.exists() else []
+    for f in weights:
+        h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
     h.update(ids.numpy().tobytes())
     h.update(str(topk).encode())
     return h.hexdigest()[:16]

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from prunesearch import gguf_source
 from prunesearch.data import hub_reachable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,12 +36,25 @@ def resolve_dtype(dtype: str, device: str, config_dtype: torch.dtype | None) -> 
 
 
 def model_source(model: str | None) -> str:
-    """Where ``--model`` points: the default model's folder (built on first use), a local folder or a hub id."""
+    """Where ``--model`` points: the default model's folder (built on first use), a local folder, a GGUF file, a
+    named packaged model (``smollm2-135m``), a hub id, or ``owner/repo/file.gguf`` on the hub."""
     if model is None:
         from prunesearch.default_model import ensure_default_model
 
         return str(ensure_default_model())
+    named = gguf_source.named_model(model)
+    if named is not None:
+        return named
     path = Path(model).expanduser()
+    if path.is_file() and gguf_source.is_gguf(model):
+        return str(path.resolve())
+    if gguf_source.is_gguf(model) and not path.exists():
+        if model.startswith((".", "/", "~")) or model.count("/") != 2:
+            raise FileNotFoundError(f"GGUF file {model} does not exist")
+        if not hub_reachable():
+            raise FileNotFoundError(f"GGUF model {model!r} is not a local file and the Hugging Face hub is not "
+                                    "reachable; give a local .gguf path")
+        return model
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model folder {path} has no config.json")
@@ -64,14 +78,23 @@ def load_model(model: str | None, device: str = "cpu", dtype: str = "auto", comp
     from transformers import AutoConfig
 
     source = model_source(model)
-    config = AutoConfig.from_pretrained(source)
+    folder = str(gguf_source.float_copy(source)) if gguf_source.is_gguf(source) else source
+    config = AutoConfig.from_pretrained(folder)
     config_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(config_dtype, str):
         config_dtype = DTYPES.get(config_dtype)
     torch_dtype = resolve_dtype(dtype, compute_device or device, config_dtype)
-    net = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     return net.to(device).eval(), tokenizer, source
+
+
+def describe_model(source: str) -> dict:
+    """The protocol record of a model source: where it came from and, for a GGUF file, its sha256 and
+    quantization type (its weights passed through that quantization before being dequantized to float)."""
+    if gguf_source.is_gguf(source):
+        return gguf_source.describe(source)
+    return {"format": "hf", "path": source}
 
 
 def default_seqlen(model, requested: int | None, builtin: bool = False) -> int:

@@ -104,12 +104,13 @@ class Workspace:
     def __init__(self, settings: SearchSettings, out: Path, device: str = "cpu", batch_size: int = 8):
         from prunesearch import data
         from prunesearch.evaluate import DenseReference
-        from prunesearch.models import default_seqlen, load_model
+        from prunesearch.models import default_seqlen, describe_model, load_model
         from pruners.masks import parse_pattern
 
         settings.validate()
         self.settings, self.out, self.batch_size = settings, out, batch_size
         self.model, self.tokenizer, self.source = load_model(settings.model, device)
+        self.model_protocol = describe_model(self.source)
         self.lay = layout(self.model)
         self.seqlen = default_seqlen(self.model, settings.seqlen, builtin=settings.model is None)
         self.total_params = sum(p.numel() for p in self.model.parameters())
@@ -375,7 +376,7 @@ def trials_frame(study: optuna.Study, ws: Workspace):
 
     s = ws.settings
     protocol = {
-        "model": ws.source, "budget": s.budget, "pattern": s.pattern,
+        "model": ws.source, "model_protocol": json.dumps(ws.model_protocol), "budget": s.budget, "pattern": s.pattern,
         "granularity": s.granularity, "pruner": s.pruner, "fitness_kind": s.fitness,
         "fitness_data": json.dumps(ws.heldout_protocol), "fitness_samples": s.fitness_samples,
         "low_fidelity_samples": s.low_fidelity_samples, "seqlen": ws.seqlen, "calib": json.dumps(ws.calib_protocol),
@@ -498,7 +499,7 @@ def _config(ws: Workspace, t: optuna.trial.FrozenTrial) -> dict:
     meta = {"fitness": t.values[0], "fitness_kind": s.fitness, "trial": t.number,
             "label": t.user_attrs.get("seed", s.sampler), "budget": s.budget,
             "budget_sparsity": t.user_attrs["budget_sparsity"], "pruner": s.pruner, "model": ws.source,
-            "granularity": s.granularity, "seqlen": ws.seqlen, "fitness_data": ws.heldout_protocol,
+            "model_protocol": ws.model_protocol, "granularity": s.granularity, "seqlen": ws.seqlen, "fitness_data": ws.heldout_protocol,
             "fitness_samples": s.fitness_samples, "calib": ws.calib_protocol, "nsamples": s.nsamples,
             "seed": s.seed}
     return ws.space.to_config(np.asarray(t.user_attrs["allocation"]), s.pattern, meta)
