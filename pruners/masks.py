@@ -46,9 +46,15 @@ def parse_pattern(text: str) -> int:
     return m
 
 
+def pruned_count(n: int, sparsity: float) -> int:
+    """⌊n·p⌋ weights of ``n`` are pruned at sparsity p, with p's float noise forgiven: an allocation projected
+    onto a budget reads 0.49999999999999994 for 0.5, and must still prune half."""
+    return math.floor(n * sparsity + 1e-9)
+
+
 def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ⌊c·p⌋ lowest-scoring weights of every output row (stable sort, as Wanda)."""
-    k = int(score.shape[1] * sparsity)
+    k = pruned_count(score.shape[1], sparsity)
     mask = torch.zeros_like(score, dtype=torch.bool)
     if k:
         idx = torch.sort(score, dim=1, stable=True)[1][:, :k]
@@ -58,7 +64,7 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ⌊numel·p⌋ lowest-scoring weights of the whole matrix (magnitude's reference baseline)."""
-    k = int(score.numel() * sparsity)
+    k = pruned_count(score.numel(), sparsity)
     mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     if k:
         mask[torch.sort(score.flatten(), stable=True)[1][:k]] = True
@@ -91,5 +97,5 @@ def expected_pruned(shape: tuple[int, int], target: Target, per_row: bool = True
     if target.m:
         return rows * cols // target.m * target.n
     if per_row:
-        return rows * math.floor(cols * target.sparsity)
-    return math.floor(rows * cols * target.sparsity)
+        return rows * pruned_count(cols, target.sparsity)
+    return pruned_count(rows * cols, target.sparsity)

@@ -124,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default="prunesearch", help="study name in the storage")
     p.add_argument("--fitness-samples", type=int, default=32, help="held-out sequences per full evaluation")
     p.add_argument("--low-fidelity-samples", type=int, default=8, help="sequences of the first, cheap rung")
-    p.add_argument("--report-ppl", default="wikitext2", help="datasets reported (never searched) for the best "
-                                                            "allocation and the seeds: perplexity and KL to the "
-                                                            "dense model; '' for none")
+    p.add_argument("--report-ppl", default="c4,wikitext2",
+                   help="datasets reported (never searched) for the best allocation and the seeds: perplexity and KL "
+                        "to the dense model; c4 is held-out text of the training distribution disjoint from the "
+                        "fitness documents (default: c4,wikitext2; '' for none)")
     p.add_argument("--report-limit", type=int, default=256,
                    help="at most this many windows per report dataset (default: 256; 0 for all)")
     p.add_argument("--out", required=True, help="run folder (re-running the same command resumes)")

@@ -4,8 +4,9 @@ Every dataset name goes through one resolver, :func:`_resolve`, so that :func:`d
 file or hub dataset a run used. For ``c4``, ``wikitext2`` and ``ptb`` the order is: a data folder laid out like
 ``shared/data`` (``--data-dir`` / ``PRUNESEARCH_DATA_DIR``), then the Hugging Face hub when reachable, then the
 corpus bundled with prunesearch. Offline C4 is the 1000-document train sample: documents 0-899 are the training
-side (calibration), 900-999 the held-out side (fitness and C4 perplexity), because no C4 validation file exists
-offline. Texts are tokenized without special tokens and the ids are cached on disk per tokenizer and source.
+side (calibration), 900-949 the search's held-out fitness side, 950-999 the C4 perplexity/report side, because no
+C4 validation file exists offline; the two held-out sides never overlap, so a search never reports on the text it
+was tuned on. Texts are tokenized without special tokens and the ids are cached on disk per tokenizer and source.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ CORPUS = Path(__file__).parent / "corpus"
 BUNDLED_C4 = CORPUS / "c4_en_train_first1000.jsonl.gz"
 BUNDLED_WIKITEXT2_TEST = CORPUS / "wikitext2_raw_test.txt.gz"
 C4_TRAIN_DOCS = range(0, 900)
-C4_HELDOUT_DOCS = range(900, 1000)
+C4_HELDOUT_DOCS = range(900, 950)  # search fitness
+C4_REPORT_DOCS = range(950, 1000)  # C4 perplexity and reports (``eval_ids("c4")``)
 C4_EVAL_DOCS = 1100  # the reference joins the first 1100 validation documents
 LOCAL_FILES = {  # paths inside a data folder laid out like shared/data
     ("c4", "train"): "c4_sample/c4_en_train_first1000/c4_sample.jsonl",
@@ -201,12 +203,12 @@ def _c4(role: str, data_dir: Path | None) -> tuple[_Plan | None, str]:
         return _c4_hub(role), ""
     else:
         path, origin = BUNDLED_C4, "bundled"
-    docs = C4_TRAIN_DOCS if role == "calibration" else C4_HELDOUT_DOCS
+    docs = {"calibration": C4_TRAIN_DOCS, "heldout": C4_HELDOUT_DOCS, "evaluation": C4_REPORT_DOCS}[role]
     record = {"dataset": "c4", "role": role, "origin": origin, "file": str(path.resolve()),
               "split": f"train shard 00000, documents {docs.start}-{docs.stop - 1}"}
     if role != "calibration":
-        record["note"] = ("no C4 validation file offline: the held-out documents 900-999 of the train sample "
-                          "stand in for the validation shard")
+        record["note"] = ("no C4 validation file offline: held-out documents of the train sample stand in for the "
+                          "validation shard (900-949 for search fitness, 950-999 for evaluation, never overlapping)")
     if role == "evaluation":
         record["text"] = "documents joined with ' ' (callers truncate to 256 * seqlen tokens)"
     key = f"{_file_key(path)}:docs{docs.start}-{docs.stop}"

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from prunesearch.cache import cache_dir
-from prunesearch.data import C4_HELDOUT_DOCS, C4_TRAIN_DOCS, bundled_c4_documents, bundled_wikitext2_test
+from prunesearch.data import C4_TRAIN_DOCS, bundled_c4_documents, bundled_wikitext2_test
 from prunesearch.evaluate import perplexity
 
 try:
@@ -162,7 +162,7 @@ def _build(folder: Path, seed: int, steps: int, progress: bool) -> None:
     started = time.perf_counter()
     documents = bundled_c4_documents()
     train_docs = documents[C4_TRAIN_DOCS.start:C4_TRAIN_DOCS.stop]
-    heldout_text = " ".join(documents[C4_HELDOUT_DOCS.start:C4_HELDOUT_DOCS.stop])
+    heldout_text = " ".join(documents[C4_TRAIN_DOCS.stop:])  # documents 900-999, never trained on
     tokenizer = train_tokenizer(train_docs)
     windows = pack(tokenizer, train_docs, DEFAULT_SEQLEN)
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -194,7 +194,7 @@ def _build(folder: Path, seed: int, steps: int, progress: bool) -> None:
                       "min_lr_fraction": MIN_LR_FRACTION, "weight_decay": WEIGHT_DECAY, "grad_clip": 1.0},
         "training": curve, "ppl": scores,
         "data": {"train": f"bundled C4 train shard 00000, documents {C4_TRAIN_DOCS.start}-{C4_TRAIN_DOCS.stop - 1}",
-                 "c4_heldout": f"documents {C4_HELDOUT_DOCS.start}-{C4_HELDOUT_DOCS.stop - 1} joined with ' '",
+                 "c4_heldout": f"documents {C4_TRAIN_DOCS.stop}-{len(documents) - 1} joined with ' '",
                  "wikitext2_test": "bundled WikiText-2 raw test, rows joined with '\\n\\n'"},
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
         "wall_seconds": time.perf_counter() - started,

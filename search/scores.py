@@ -8,13 +8,11 @@ same walk records OWL's per-block outlier ratios from the Wanda statistics.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pruners.masks import Target
+from pruners.masks import Target, pruned_count
 from pruners.oneshot import extra_stats, make_pruner
 from pruners.registry import ModelLayout, get_weight, set_weight
 from pruners.walker import collect_stats, run_block, walk
@@ -67,7 +65,7 @@ class ScoreCache:
         return cls(ranks, pruner.name != "magnitude", m, outliers)
 
     def save(self, path) -> None:
-        tensors = dict(self.ranks)
+        tensors = {name: r.contiguous() for name, r in self.ranks.items()}  # Conv1D ranks are transposed views
         tensors["__outlier_ratio__"] = torch.tensor(self.outlier_ratio, dtype=torch.float64)
         save_file(tensors, str(path), metadata={"per_row": str(self.per_row), "m": str(self.m)})
 
@@ -86,7 +84,7 @@ class ScoreCache:
         r = self.ranks[name]
         if self.m:
             return Target(sparsity, self.m).n
-        return math.floor((r.shape[1] if self.per_row else r.numel()) * sparsity)
+        return pruned_count(r.shape[1] if self.per_row else r.numel(), sparsity)
 
     def mask(self, name: str, sparsity: float) -> torch.Tensor:
         """True where a weight is pruned at ``sparsity``: exactly what the one-shot pruner would select."""

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
@@ -56,10 +57,13 @@ def tiny_config(family: str, vocab_size: int = VOCAB, layers: int = 2):
                          max_position_embeddings=128, word_embed_proj_dim=64, pad_token_id=1, **common)
     if family == "gpt2":  # Conv1D, fused c_attn
         return GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=128, **common)
+    if family == "gpt_neox":  # fused interleaved query_key_value, parallel residual, partial rotary
+        return GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                             max_position_embeddings=128, rotary_pct=0.25, **common)
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "qwen2", "opt", "gpt2"]
+FAMILIES = ["llama", "qwen2", "opt", "gpt2", "gpt_neox"]
 
 
 def tiny_model(family: str, seed: int = 0, layers: int = 2):

@@ -253,7 +253,7 @@ def calib_file(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "qwen2", "gpt_neox"])
 def test_cli_trains_exports_and_the_model_reloads(family, tmp_path, tiny_tokenizer, calib_file):
     model_dir = tmp_path / family
     tiny_model(family).save_pretrained(model_dir)

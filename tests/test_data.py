@@ -90,17 +90,17 @@ def test_bundled_c4_calibration_follows_the_reference_rule(tiny_tokenizer):
     assert record["origin"] == "bundled" and record["split"].endswith("documents 0-899")
 
 
-def test_heldout_windows_come_only_from_documents_900_to_999(tiny_tokenizer):
+def test_heldout_windows_come_only_from_documents_900_to_949(tiny_tokenizer):
     docs = [encode(tiny_tokenizer, t) for t in data.bundled_c4_documents()]
     held = data.heldout_ids(tiny_tokenizer, nsamples=8, seqlen=48, seed=0)
     calib = data.calibration_ids(tiny_tokenizer, "c4", nsamples=8, seqlen=48, seed=0)
     assert held.shape == (8, 48)
     for window in held:
-        assert any(contains(d, window) for d in docs[900:])
-        assert not any(contains(d, window) for d in docs[:900])
+        assert any(contains(d, window) for d in docs[900:950])
+        assert not any(contains(d, window) for d in docs[:900] + docs[950:])  # never calibration nor report text
     for window in calib:
         assert any(contains(d, window) for d in docs[:900])
-    assert "900-999" in data.describe("c4", role="heldout")["split"]
+    assert "900-949" in data.describe("c4", role="heldout")["split"]
 
 
 def test_bundled_evaluation_streams_are_the_reference_texts(tiny_tokenizer):
@@ -108,8 +108,8 @@ def test_bundled_evaluation_streams_are_the_reference_texts(tiny_tokenizer):
     with gzip.open(data.BUNDLED_WIKITEXT2_TEST, "rt", encoding="utf-8") as f:
         assert wiki.tolist() == [encode(tiny_tokenizer, f.read())]
     c4 = data.eval_ids(tiny_tokenizer, "c4")
-    assert c4.tolist() == [encode(tiny_tokenizer, " ".join(data.bundled_c4_documents()[900:]))]
-    assert data.describe("c4")["evaluation"]["split"].endswith("documents 900-999")
+    assert c4.tolist() == [encode(tiny_tokenizer, " ".join(data.bundled_c4_documents()[950:]))]
+    assert data.describe("c4")["evaluation"]["split"].endswith("documents 950-999")
 
 
 def test_local_txt_is_one_stream_and_jsonl_is_documents(tiny_tokenizer, tmp_path):
@@ -136,8 +136,8 @@ def test_data_folder_is_used_first(tiny_tokenizer, data_dir, monkeypatch):
     ids = data.calibration_ids(tiny_tokenizer, "c4", 4, 24, seed=2, data_dir=data_dir)
     assert torch.equal(ids, reference_document_windows(tiny_tokenizer, texts[:900], 4, 24, 2))
     held = data.heldout_ids(tiny_tokenizer, 4, 24, seed=2, data_dir=data_dir)
-    assert torch.equal(held, reference_document_windows(tiny_tokenizer, texts[900:], 4, 24, 2))
-    assert data.eval_ids(tiny_tokenizer, "c4", data_dir).tolist() == [encode(tiny_tokenizer, " ".join(texts[900:]))]
+    assert torch.equal(held, reference_document_windows(tiny_tokenizer, texts[900:950], 4, 24, 2))
+    assert data.eval_ids(tiny_tokenizer, "c4", data_dir).tolist() == [encode(tiny_tokenizer, " ".join(texts[950:]))]
 
     crlf = (data_dir / "wikitext2_raw/rotorquant/wikitext-test.txt").read_bytes().decode()
     assert "\r\n" in crlf
@@ -238,7 +238,7 @@ def test_token_cache_is_reused_and_keyed_by_tokenizer_and_file(tiny_tokenizer, t
     other.train_from_iterator(WORDS, trainer=trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     other = PreTrainedTokenizerFast(tokenizer_object=other, eos_token="<|endoftext|>")
-    assert data.eval_ids(other, "c4").tolist() == [encode(other, " ".join(data.bundled_c4_documents()[900:]))]
+    assert data.eval_ids(other, "c4").tolist() == [encode(other, " ".join(data.bundled_c4_documents()[950:]))]
 
 
 @pytest.mark.parametrize("call,error,message", [
