@@ -30,6 +30,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                                               "else 2048 capped by the model's context)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     p.add_argument("--data-dir", help="offline data laid out like ../shared/data (or env PRUNESEARCH_DATA_DIR)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: OMP_NUM_THREADS if set, else the cores "
+                                               "this process may run on; split between --workers)")
 
 
 def _add_calib_options(p: argparse.ArgumentParser) -> None:
@@ -610,19 +612,31 @@ def cmd_predictor_evaluate(args) -> int:
     return 0
 
 
+def _set_threads(threads: int | None) -> None:
+    """torch's CPU threads: as asked; else OMP_NUM_THREADS; else the cores this process may use (a container's
+    CPU set, not the host's core count, which oversubscribes and slows every forward pass)."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    elif not os.environ.get("OMP_NUM_THREADS") and hasattr(os, "sched_getaffinity"):
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)))))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "gguf_file", None):
-        if not args.model or not args.gguf_file.endswith(".gguf"):
-            print("prunesearch: error: --gguf-file NAME.gguf needs --model OWNER/REPO (the hub repository holding it)",
-                  file=sys.stderr)
-            return 2
-        args.model = f"{args.model}/{args.gguf_file}"
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     try:
+        if getattr(args, "gguf_file", None):
+            if not args.model or not args.gguf_file.endswith(".gguf"):
+                raise UsageError("--gguf-file NAME.gguf needs --model OWNER/REPO (the hub repository holding it)")
+            args.model = f"{args.model}/{args.gguf_file}"
+        _set_threads(getattr(args, "threads", None))
         return args.func(args)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
         if os.environ.get("PRUNESEARCH_DEBUG"):
