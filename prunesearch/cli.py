@@ -124,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="local worker processes on one study")
     p.add_argument("--storage", help="Optuna storage URL or journal file (default: a journal in --out)")
     p.add_argument("--study", default="prunesearch", help="study name in the storage")
-    p.add_argument("--fitness-samples", type=int, default=32, help="held-out sequences per full evaluation")
-    p.add_argument("--low-fidelity-samples", type=int, default=8, help="sequences of the first, cheap rung")
+    p.add_argument("--fitness-samples", type=int, help="held-out sequences per full evaluation (default: 32; a "
+                                                         "model other than the built-in one on CPU: 16 of 256 tokens)")
+    p.add_argument("--low-fidelity-samples", type=int, help="sequences of the first, cheap rung (default: 8; other "
+                                                             "models on CPU: 4)")
     p.add_argument("--report-ppl", default="c4,wikitext2",
                    help="datasets reported (never searched) for the best allocation and the seeds: perplexity and KL "
                         "to the dense model; c4 is held-out text of the training distribution disjoint from the "
@@ -139,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "budget range); rounds are logged to --out/predictor_rounds.jsonl and the final predictor "
                         "saved in --out/predictor")
     p.add_argument("--predictor-init", help="warm-start from a predictor folder (`prunesearch predictor retrain`)")
-    p.set_defaults(func=cmd_search)
+    # calibration size and seqlen follow the model and device unless given (search.engine.EFFORT)
+    p.set_defaults(func=cmd_search, nsamples=None)
 
     p = sub.add_parser("ast", help="train a sparse model with AST (adaptive masks, SR-STE, distillation, SLoRB)",
                        description="Adaptive Sparse Trainer: retrain an N:M or per-layer sparse model, distilled "
@@ -381,17 +384,20 @@ def parse_duration(text: str) -> float:
 
 def cmd_search(args) -> int:
     from prunesearch.models import resolve_device
-    from search.engine import SearchSettings, run_search
+    from search.engine import SearchSettings, default_effort, run_search
 
     if args.trials is not None and args.trials < 1:
         raise UsageError("--trials must be at least 1")
     multi = ":" in args.budget
+    device = resolve_device(args.device)
+    given = {"seqlen": args.seqlen, "nsamples": args.nsamples, "fitness_samples": args.fitness_samples,
+             "low_fidelity_samples": args.low_fidelity_samples}
+    effort = default_effort(args.model is None, device) | {k: v for k, v in given.items() if v is not None}
     settings = SearchSettings(
         model=args.model, budget=args.budget, pattern=args.pattern, granularity=args.granularity,
-        pruner=args.pruner, fitness=args.fitness, sampler=args.sampler or ("nsga2" if multi else "tpe"), min_sparsity=args.min_sparsity,
-        max_sparsity=args.max_sparsity, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-        seed=args.seed, fitness_samples=args.fitness_samples, low_fidelity_samples=args.low_fidelity_samples,
-        data_dir=args.data_dir, level_step=args.level_step,
+        pruner=args.pruner, fitness=args.fitness, sampler=args.sampler or ("nsga2" if multi else "tpe"),
+        min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, calib=args.calib, seed=args.seed,
+        data_dir=args.data_dir, level_step=args.level_step, **effort,
     )
     time_budget = parse_duration(args.time_budget) if args.time_budget else None
     out = Path(args.out)
@@ -403,8 +409,7 @@ def cmd_search(args) -> int:
     elif args.predictor_init:
         raise UsageError("--predictor-init needs --predictor on")
     summary = run_search(settings, out, args.trials, time_budget, args.workers, args.storage, args.study,
-                         resolve_device(args.device), args.batch_size,
-                         tuple(d for d in args.report_ppl.split(",") if d), args.report_limit or None, not args.quiet,
+                         device, args.batch_size, tuple(d for d in args.report_ppl.split(",") if d), args.report_limit or None, not args.quiet,
                          guide)
     _print_summary(summary, out)
     return 130 if summary.get("interrupted") else 0

@@ -45,6 +45,21 @@ RANGE_LEVELS = 20
 PRUNERS = ("wanda", "magnitude", "gblm", "sparsegpt")
 
 
+# Measurement effort when the user gives none. A real model on CPU gets short sequences and few of them: on
+# SmolLM2-135M with 2 cores a forward of 8 x 256 tokens takes seconds, and benchmarks/search_cost.py shows how few
+# fitness sequences still rank candidates as the full set does. The built-in model and GPUs keep the full protocol.
+EFFORT = {
+    "builtin": {"nsamples": 128, "fitness_samples": 32, "low_fidelity_samples": 8},
+    "gpu": {"nsamples": 128, "fitness_samples": 32, "low_fidelity_samples": 8},
+    "cpu": {"seqlen": 256, "nsamples": 32, "fitness_samples": 16, "low_fidelity_samples": 4},
+}
+
+
+def default_effort(builtin: bool, device: str) -> dict:
+    """The calibration and fitness sizes a search uses unless told otherwise (see ``EFFORT``)."""
+    return dict(EFFORT["builtin" if builtin else "gpu" if device.startswith("cuda") else "cpu"])
+
+
 @dataclass
 class SearchSettings:
     """Everything that defines a study; two runs with equal settings are the same study."""
