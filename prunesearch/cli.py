@@ -1,4 +1,4 @@
-"""The ``prunesearch`` command line: prune, eval, search and ast."""
+"""The ``prunesearch`` command line: prune, eval, search, ast, predictor, export, report and realize."""
 
 from __future__ import annotations
 
@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--on", required=True, help="search run folder")
     e.add_argument("--allow-mixed", action="store_true", help="score on a run of another model or budget kind")
     e.set_defaults(func=cmd_predictor_evaluate)
+    from prunesearch.results_cli import add_commands
+
+    add_commands(sub)
     return parser
 
 
