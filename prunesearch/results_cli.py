@@ -28,6 +28,14 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("report", help="an HTML report (figures embedded) of a finished search",
+                       description="Write one self-contained HTML page of a search run, plus its PNG figures.")
+    p.add_argument("run", help="search run folder")
+    p.add_argument("--out", help="HTML file (default: RUN/report.html); PNGs go to <name>_figures/ beside it")
+    p.add_argument("--compare", nargs="+", default=[], metavar="RUN2", help="overlay these runs' curves and best "
+                                                                           "allocations, and tabulate them")
+    p.set_defaults(func=cmd_report)
+
 
 def cmd_export(args: argparse.Namespace) -> int:
     from prunesearch import export
@@ -48,4 +56,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         meta = config["meta"]
         print(f"trial {meta['trial']:>5} {meta['fitness_kind']} {meta['fitness']:.5f} sparsity "
               f"{meta['budget_sparsity']:.4f} -> {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from prunesearch.report import build
+
+    out = Path(args.out) if args.out else Path(args.run) / "report.html"
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--out must name an .html file, got {out}")
+    page, pngs = build(Path(args.run), out, [Path(r) for r in args.compare])
+    print(f"report: {page} (figures: {', '.join(p.name for p in pngs)} in {pngs[0].parent})")
     return 0

@@ -543,6 +543,9 @@ def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str,
         summary["report_protocol"] = {"datasets": list(report_ppl), "windows_limit": report_limit,
                                       "seqlen": ws.seqlen, "realized_with": f"{s.pruner} one-shot, sequential"}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
+    from prunesearch.report import write_default
+
+    write_default(out)
     return summary
 
 
