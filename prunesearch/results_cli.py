@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from prunesearch import cli
 from prunesearch.cli import UsageError
 
 
@@ -35,6 +36,25 @@ def add_commands(sub) -> None:
     p.add_argument("--compare", nargs="+", default=[], metavar="RUN2", help="overlay these runs' curves and best "
                                                                            "allocations, and tabulate them")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("realize", help="prune the chosen allocation for real, evaluate it on report data, save it",
+                       description="Final one-shot pruning of a search's best allocation (or any config), then "
+                                   "perplexity and zero-shot tasks on data the search never saw.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="search run folder (its best_config.json)")
+    which.add_argument("--config", help="a config file (export output, best_config.json, pareto/*.json)")
+    cli._add_model_options(p)
+    cli._add_calib_options(p)
+    p.add_argument("--method", required=True, choices=["sparsegpt", "sparsellm", "gblm", "wanda", "magnitude"])
+    p.add_argument("--wbits", type=int, help="SparseGPT only: also quantize the kept weights to this many bits")
+    p.add_argument("--ppl", default="wikitext2,ptb", help="report datasets for perplexity (default: wikitext2,ptb; "
+                                                         "ptb needs --data-dir offline; '' for none)")
+    p.add_argument("--tasks", help="comma-separated lm-eval zero-shot tasks (see `prunesearch eval --tasks`)")
+    p.add_argument("--limit", type=int, help="at most this many windows per dataset / examples per task")
+    p.add_argument("--format", default="hf", choices=["hf"], help="hf: a from_pretrained folder (default)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_realize)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -67,4 +87,50 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(f"--out must name an .html file, got {out}")
     page, pngs = build(Path(args.run), out, [Path(r) for r in args.compare])
     print(f"report: {page} (figures: {', '.join(p.name for p in pngs)} in {pngs[0].parent})")
+    return 0
+
+
+def cmd_realize(args: argparse.Namespace) -> int:
+    import time
+
+    from prunesearch.models import resolve_device
+    from prunesearch.pruning import PruneJob, run_prune, save_folder
+    from prunesearch.realize import check_eval_data, load_choice, realize_report
+
+    out = cli._check_out(args.out, args.overwrite)
+    if args.wbits is not None and (args.method != "sparsegpt" or not 2 <= args.wbits <= 8):
+        raise UsageError("--wbits takes 2..8 and only works with --method sparsegpt")
+    if args.nsamples < 1:
+        raise UsageError("--nsamples must be at least 1")
+    config, meta, origin = load_choice(args.run, args.config)
+    datasets = [d for d in args.ppl.split(",") if d]
+    check_eval_data(datasets, args.data_dir)
+    device = resolve_device(args.device)
+    job = PruneJob(config, args.method, {"wbits": args.wbits}, args.model or meta.get("model"), device, args.dtype,
+                   args.calib, args.nsamples, args.seed, args.seqlen, args.batch_size, args.data_dir)
+    model, tokenizer, report = run_prune(job, cli._log)
+    model.to(device)
+    seqlen = report["protocol"]["seqlen"]
+    t = time.perf_counter()
+    evaluation = {"eval_protocol": {"datasets": datasets, "tasks": args.tasks.split(",") if args.tasks else [],
+                                    "limit": args.limit, "seqlen": seqlen, "batch_size": args.batch_size}}
+    evaluation["ppl"] = cli._perplexities(model, tokenizer, datasets, seqlen, args) if datasets else {}
+    if args.tasks:
+        from prunesearch.zeroshot import evaluate_tasks
+
+        evaluation["tasks"] = evaluate_tasks(model, tokenizer, args.tasks.split(","), args.data_dir, args.limit,
+                                             args.batch_size, device)
+    report["timings_s"]["evaluate"] = time.perf_counter() - t
+    model.to("cpu")
+    result = realize_report(report, meta, origin, args.format, evaluation)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    save_folder(out, write, "realize_report.json", result)
+    cli._print_sparsity(report["layers"])
+    ppl = ", ".join(f"{d} {v['ppl']:.3f}" for d, v in evaluation["ppl"].items())
+    print(f"realized with {args.method}: global sparsity {report['global_sparsity']:.4f}"
+          f"{'; ppl ' + ppl if ppl else ''}; saved to {out}")
     return 0
