@@ -58,6 +58,9 @@ def add_commands(sub) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """``prunesearch export``: write the chosen allocations in the chosen format."""
+    import shutil
+
     from prunesearch import export
 
     out = Path(args.out)
@@ -66,6 +69,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format != "llmcompressor" and (args.modifier or args.model):
         raise UsageError("--modifier and --model only work with --format llmcompressor")
     configs = export.select(Path(args.run), args.top, args.pareto)
+    if out.is_dir():  # --overwrite of an earlier multi-file export: no stale files stay behind
+        shutil.rmtree(out)
     lay, method = None, args.modifier
     if args.format == "llmcompressor":
         meta = configs[0]["meta"]
@@ -80,6 +85,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``prunesearch report``: the HTML page of a run (and the runs it is compared with)."""
     from prunesearch.report import build
 
     out = Path(args.out) if args.out else Path(args.run) / "report.html"
@@ -91,6 +97,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_realize(args: argparse.Namespace) -> int:
+    """``prunesearch realize``: prune the chosen allocation, evaluate it on report data, save it with its report."""
     import time
 
     from prunesearch.models import resolve_device
