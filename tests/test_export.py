@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import search_settings
@@ -101,3 +102,19 @@ def test_bad_requests_exit_2(finished_run, tmp_path, capsys):
     assert "not a finished search" in capsys.readouterr().err
     (tmp_path / "exists.json").write_text("{}")
     assert main(["export", "--run", str(finished_run), "--out", str(tmp_path / "exists.json")]) == 2
+
+
+def test_pareto_export_writes_one_config_per_front_allocation(tiny_llama_dir, tiny_calib_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "range"
+    run_search(search_settings(tiny_llama_dir, tiny_calib_file, budget="sparsity=0.5:0.7", sampler="nsga2"), run,
+               trials=16, report_ppl=(), progress=False)
+    front = [json.loads((run / p).read_text()) for p in pd.read_csv(run / "pareto.csv")["config"]]
+    assert main(["export", "--run", str(run), "--pareto", "--format", "llmcompressor", "--out", str(tmp_path / "r")]) == 0
+    recipes = [yaml.safe_load(p.read_text()) for p in sorted((tmp_path / "r").iterdir())]
+    assert len(recipes) == len(front) >= 2
+    lay = export.model_layout(str(tiny_llama_dir))
+    for config, recipe in zip(front, recipes):
+        carried = {name: args["sparsity"] for stage in recipe.values()
+                   for args in stage["sparsity_modifiers"].values() for name in args["targets"]}
+        assert carried == {n: t.sparsity for n, t in SparsityConfig.from_dict(config).resolve(lay).items()}
