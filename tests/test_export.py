@@ -110,7 +110,8 @@ def test_pareto_export_writes_one_config_per_front_allocation(tiny_llama_dir, ti
     run_search(search_settings(tiny_llama_dir, tiny_calib_file, budget="sparsity=0.5:0.7", sampler="nsga2"), run,
                trials=16, report_ppl=(), progress=False)
     front = [json.loads((run / p).read_text()) for p in pd.read_csv(run / "pareto.csv")["config"]]
-    assert main(["export", "--run", str(run), "--pareto", "--format", "llmcompressor", "--out", str(tmp_path / "r")]) == 0
+    assert main(["export", "--run", str(run), "--pareto", "--format", "llmcompressor", "--out",
+                 str(tmp_path / "r")]) == 0
     recipes = [yaml.safe_load(p.read_text()) for p in sorted((tmp_path / "r").iterdir())]
     assert len(recipes) == len(front) >= 2
     lay = export.model_layout(str(tiny_llama_dir))

@@ -23,7 +23,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="module")
 def runs(tiny_llama_dir, tiny_calib_file, tmp_path_factory):
-    """A predictor-guided 14-trial run (two rounds) and a 16-trial budget-range run (past its 15 seeds) on the tiny LLaMA."""
+    """A predictor-guided 14-trial run (two rounds) and a 16-trial budget-range run (past its 15 seeds), tiny
+    LLaMA."""
     base = tmp_path_factory.mktemp("report")
     mp = pytest.MonkeyPatch()
     mp.setenv("PRUNESEARCH_CACHE", str(base / "cache"))
