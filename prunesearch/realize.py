@@ -9,8 +9,6 @@ import yaml
 
 from pruners.targets import SparsityConfig
 
-FORMATS = ("hf",)
-
 
 def load_choice(run: str | None, config: str | None) -> tuple[SparsityConfig, dict, str]:
     """The allocation to realize: a run's ``best_config.json`` or a config file; returns (config, its ``meta``
