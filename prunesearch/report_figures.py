@@ -47,6 +47,10 @@ def plot_anytime(runs: dict[str, pd.DataFrame], fitness_kind: str, path: Path) -
         curve = anytime(frame)
         a.step(curve["number"], curve["best_by_number"], where="post", c=f"C{i}", label=name)
         b.step(curve["elapsed_s"], curve["best_by_time"], where="post", c=f"C{i}", label=name)
+    done = next(iter(runs.values()))
+    done = done[done["state"] == "COMPLETE"]
+    seeds = done[done["label"].str.split("-").str[0].isin(list(SEED_STYLES))]
+    a.scatter(seeds["number"], seeds["fitness"], marker="x", c="0.4", s=20, label="heuristic seeds", zorder=3)
     a.set(xlabel="trial number", ylabel=f"best {fitness_kind} so far (search data)", yscale="log")
     b.set(xlabel="wall time since the first trial (s)", ylabel=f"best {fitness_kind} so far", yscale="log")
     for ax in (a, b):
