@@ -98,6 +98,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_realize(args: argparse.Namespace) -> int:
     """``prunesearch realize``: prune the chosen allocation, evaluate it on report data, save it with its report."""
+    import json
     import time
 
     from prunesearch.models import resolve_device
@@ -116,6 +117,13 @@ def cmd_realize(args: argparse.Namespace) -> int:
     job = PruneJob(config, args.method, {"wbits": args.wbits}, args.model or meta.get("model"), device, args.dtype,
                    args.calib, args.nsamples, args.seed, args.seqlen, args.batch_size, args.data_dir)
     model, tokenizer, report = run_prune(job, cli._log)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    # saved before the evaluation, so that a failing evaluation never loses the pruned model
+    save_folder(out, write, "realize_report.json", realize_report(report, meta, origin, args.format, {}))
     model.to(device)
     seqlen = report["protocol"]["seqlen"]
     t = time.perf_counter()
@@ -128,14 +136,8 @@ def cmd_realize(args: argparse.Namespace) -> int:
         evaluation["tasks"] = evaluate_tasks(model, tokenizer, args.tasks.split(","), args.data_dir, args.limit,
                                              args.batch_size, device)
     report["timings_s"]["evaluate"] = time.perf_counter() - t
-    model.to("cpu")
     result = realize_report(report, meta, origin, args.format, evaluation)
-
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    save_folder(out, write, "realize_report.json", result)
+    (out / "realize_report.json").write_text(json.dumps(result, indent=2))
     cli._print_sparsity(report["layers"])
     ppl = ", ".join(f"{d} {v['ppl']:.3f}" for d, v in evaluation["ppl"].items())
     print(f"realized with {args.method}: global sparsity {report['global_sparsity']:.4f}"
