@@ -1,4 +1,4 @@
-"""Per-layer sparsity configs: the JSON schema users write and the search exports.
+"""Per-layer sparsity configs: the JSON schema users write and the search exports (also read from YAML).
 
 Schema::
 
@@ -65,12 +65,20 @@ class SparsityConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config {path} is not valid JSON: {e}") from None
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                data = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as e:
+                raise ValueError(f"config {path} is not valid YAML: {e}") from None
+        else:
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"config {path} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"config {path} must hold a JSON object")
+            raise ValueError(f"config {path} must hold a JSON (or YAML) object")
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:

@@ -1,4 +1,4 @@
-"""The ``prunesearch`` command line: prune, eval, search and ast."""
+"""The ``prunesearch`` command line: prune, eval, search, ast, predictor, export, report and realize."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -206,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--on", required=True, help="search run folder")
     e.add_argument("--allow-mixed", action="store_true", help="score on a run of another model or budget kind")
     e.set_defaults(func=cmd_predictor_evaluate)
+    from prunesearch.results_cli import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -257,10 +259,8 @@ def _perplexities(model, tokenizer, names: list[str], seqlen: int, args) -> dict
 
 
 def cmd_prune(args) -> int:
-    from pruners.oneshot import global_sparsity, make_pruner, prune_model
-    from pruners.registry import layout
-    from prunesearch import data
-    from prunesearch.models import describe_model, load_model, resolve_device
+    from prunesearch.models import resolve_device
+    from prunesearch.pruning import PruneJob, run_prune, save_folder
 
     out = _check_out(args.out, args.overwrite)
     config = _targets_config(args)
@@ -268,52 +268,21 @@ def cmd_prune(args) -> int:
         raise UsageError("--wbits takes 2..8 and only works with --method sparsegpt")
     if args.nsamples < 1:
         raise UsageError("--nsamples must be at least 1")
-    pruner = make_pruner(args.method, **_method_options(args))
     device = resolve_device(args.device)
-    timings = {}
-    t = time.perf_counter()
-    model, tokenizer, source = load_model(args.model, "cpu", args.dtype, compute_device=device)
-    timings["load"] = time.perf_counter() - t
-    targets = config.resolve(layout(model))
-    seqlen = _seqlen(model, args)
-    calib = None
-    t = time.perf_counter()
-    if pruner.stats is not None:
-        calib = data.calibration_ids(tokenizer, args.calib, args.nsamples, seqlen, args.seed, args.data_dir)
-    timings["calibration_data"] = time.perf_counter() - t
-    _log(f"pruning {source} with {args.method} on {device}")
-    result = prune_model(model, pruner, targets, calib, device=device, batch_size=args.batch_size)
-    timings["prune"] = result["prune_seconds"]
-    report = {
-        "method": args.method, "model": source, "config": config.to_dict(), "wbits": args.wbits,
-        "global_sparsity": global_sparsity(result["layers"]), "layers": result["layers"],
-        "protocol": {"model": describe_model(source),
-                     "calib": data.describe(args.calib, args.data_dir) if calib is not None else None,
-                     "nsamples": args.nsamples if calib is not None else 0, "seqlen": seqlen, "seed": args.seed,
-                     "device": device, "dtype": str(next(model.parameters()).dtype)},
-        "timings_s": timings,
-    }
-    if "details" in result:
-        report["method_details"] = result["details"]
+    job = PruneJob(config, args.method, _method_options(args), args.model, device, args.dtype, args.calib,
+                   args.nsamples, args.seed, args.seqlen, args.batch_size, args.data_dir)
+    model, tokenizer, report = run_prune(job, _log)
     if args.ppl:
         model.to(device)
-        report["ppl"] = _perplexities(model, tokenizer, args.ppl.split(","), seqlen, args)
+        report["ppl"] = _perplexities(model, tokenizer, args.ppl.split(","), report["protocol"]["seqlen"], args)
         model.to("cpu")
-    t = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        timings["save"] = time.perf_counter() - t
-        (tmp / "prune_report.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    _print_sparsity(result["layers"])
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    save_folder(out, write, "prune_report.json", report)
+    _print_sparsity(report["layers"])
     print(f"global sparsity {report['global_sparsity']:.4f}; saved to {out}")
     return 0
 

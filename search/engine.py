@@ -384,6 +384,14 @@ def _worker(settings: dict, out: str, storage: str | None, study_name: str, tria
     _optimize(study, ws, trials, deadline, progress=False)
 
 
+def _target(ws: Workspace, t: optuna.trial.FrozenTrial) -> float | None:
+    """A trial's budget sparsity; None for a range trial still queued (its budget level is not drawn yet)."""
+    if not ws.multi:
+        return ws.space.target
+    level = t.params.get(LEVEL_PARAM)
+    return None if level is None else ws.range_target(level)
+
+
 def trials_frame(study: optuna.Study, ws: Workspace):
     """One row per trial: label, state, fitness at each fidelity, wall time, sampled and effective allocation,
     and the protocol every number was measured under."""
@@ -403,7 +411,7 @@ def trials_frame(study: optuna.Study, ws: Workspace):
                "guide": t.user_attrs.get("guide"), "duplicate_of": t.user_attrs.get("duplicate_of"),
                "fitness": t.values[0] if t.values else None,
                "fitness_low": t.user_attrs.get("fitness_low", t.intermediate_values.get(0)),
-               "wall_s": t.user_attrs.get("wall_s"), "target_sparsity": ws.range_target(t.params[LEVEL_PARAM]) if ws.multi else ws.space.target,
+               "wall_s": t.user_attrs.get("wall_s"), "target_sparsity": _target(ws, t),
                "budget_sparsity": t.user_attrs.get("budget_sparsity"), "start": t.datetime_start}
         alloc = t.user_attrs.get("allocation")
         row["nonzero_params"] = ws.nonzero_params(np.asarray(alloc)) if alloc else None
@@ -559,6 +567,9 @@ def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str,
         summary["report_protocol"] = {"datasets": list(report_ppl), "windows_limit": report_limit,
                                       "seqlen": ws.seqlen, "realized_with": f"{s.pruner} one-shot, sequential"}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
+    from prunesearch.report import write_default
+
+    write_default(out)
     return summary
 
 

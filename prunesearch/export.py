@@ -1,0 +1,140 @@
+"""Export a finished search: its best allocations as ``prune --config`` files (JSON or YAML) or as
+llm-compressor recipes, each carrying its measured fitness and the protocol it was measured under."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+# trials.parquet columns that describe how every fitness of a run was measured (see search.engine.trials_frame)
+PROTOCOL = ("model", "budget", "pattern", "granularity", "pruner", "fitness_kind", "fitness_data", "fitness_samples",
+            "low_fidelity_samples", "seqlen", "calib", "nsamples", "seed")
+MODIFIERS = {"sparsegpt": "SparseGPTModifier", "wanda": "WandaPruningModifier"}
+
+
+def read_trials(run: Path) -> pd.DataFrame:
+    """The run's trials table; a folder without one is not a finished search."""
+    path = Path(run) / "trials.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} is not a finished search run (no trials.parquet)")
+    return pd.read_parquet(path)
+
+
+def units(frame: pd.DataFrame) -> list[str]:
+    """The search units (blocks or projections) of a trials table, in order."""
+    return [c[2:-1] for c in frame.columns if c.startswith("s[")]
+
+
+def measured(frame: pd.DataFrame) -> pd.DataFrame:
+    """Completed, actually measured trials (no reused duplicates), best fitness first."""
+    done = frame[(frame["state"] == "COMPLETE") & frame["duplicate_of"].isna()]
+    return done.sort_values(["fitness", "number"], kind="stable")
+
+
+def _plain(value):
+    """A JSON-native copy of a pandas/numpy cell."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def trial_config(row: pd.Series, unit_names: list[str], run: Path) -> dict:
+    """One trial as a ``prune --config`` dict whose ``meta`` holds its fitness and protocol."""
+    meta = {"fitness": float(row["fitness"]), "trial": int(row["number"]), "label": row["label"],
+            "budget_sparsity": float(row["budget_sparsity"]), "run": str(run)}
+    for key in PROTOCOL:
+        value = _plain(row[key])
+        meta[key] = json.loads(value) if key in ("fitness_data", "calib") else value
+    return {"sparsity": {u: float(row[f"s[{u}]"]) for u in unit_names}, "pattern": row["pattern"], "meta": meta}
+
+
+def select(run: Path, top: int | None = None, pareto: bool = False) -> list[dict]:
+    """The configs to export: the Pareto front of a budget-range run, else the ``top`` best (default 1)."""
+    run = Path(run)
+    frame = read_trials(run)
+    if pareto:
+        table = run / "pareto.csv"
+        if not table.is_file():
+            raise ValueError(f"{run} has no Pareto front (only a budget-range search such as "
+                             f"--budget sparsity=0.6:0.8 writes one); use --top K")
+        return [json.loads((run / path).read_text()) for path in pd.read_csv(table)["config"]]
+    if top is not None and top < 1:
+        raise ValueError("--top must be at least 1")
+    best = measured(frame).head(top or 1)
+    if best.empty:
+        raise ValueError(f"{run} has no completed trial to export")
+    return [trial_config(row, units(frame), run) for _, row in best.iterrows()]
+
+
+def model_layout(source: str):
+    """The prunable projections of a model, from its config alone (no weights are loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pruners.registry import layout
+
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the run's model {source} is not a local folder with a config.json; pass --model")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return layout(model)
+
+
+def recipe(config: dict, lay, method: str) -> dict:
+    """An llm-compressor recipe applying ``config`` per layer: one oneshot stage per distinct sparsity, whose
+    ``targets`` are the exact projections at that sparsity (``mask_structure`` k:M for an N:M pattern)."""
+    from pruners.targets import SparsityConfig
+
+    if method not in MODIFIERS:
+        raise ValueError(f"llm-compressor modifier must be one of {', '.join(MODIFIERS)}, got {method!r}")
+    targets = SparsityConfig.from_dict(config).resolve(lay)
+    levels: dict[tuple[float, int], list[str]] = defaultdict(list)
+    for name, t in targets.items():
+        if t.sparsity > 0:
+            levels[(float(t.sparsity), t.m)].append(name)
+    stages = {}
+    for i, ((sparsity, m), names) in enumerate(sorted(levels.items())):
+        args = {"sparsity": sparsity, "mask_structure": f"{round(sparsity * m)}:{m}" if m else "0:0",
+                "targets": names, "ignore": ["re:.*lm_head"]}
+        stages[f"prune_{i:03d}_stage"] = {"run_type": "oneshot", "sparsity_modifiers": {MODIFIERS[method]: args}}
+    return stages
+
+
+def recipe_text(config: dict, lay, method: str) -> str:
+    """The recipe as YAML, headed by comments recording where the allocation came from and how it scored."""
+    meta = config.get("meta", {})
+    stages = recipe(config, lay, method)
+    pruned = sum(len(args["targets"]) for s in stages.values() for args in s["sparsity_modifiers"].values())
+    head = [f"# llm-compressor recipe exported by prunesearch: {pruned} projections in {len(stages)} sparsity "
+            f"levels, pattern {config.get('pattern', 'unstructured')}",
+            "# apply: llmcompressor.oneshot(model=..., dataset=..., recipe=THIS_FILE)"]
+    head += [f"# {k}: {json.dumps(v)}" for k, v in meta.items()]
+    return "\n".join(head) + "\n" + yaml.safe_dump(stages, sort_keys=False, width=120)
+
+
+def write(configs: list[dict], fmt: str, out: Path, lay=None, method: str = "wanda") -> list[Path]:
+    """Write one config to the file ``out``, or several to the folder ``out`` (one file each)."""
+    ext = {"json": ".json", "yaml": ".yaml", "llmcompressor": ".yaml"}[fmt]
+
+    def text(config: dict) -> str:
+        if fmt == "json":
+            return json.dumps(config, indent=2) + "\n"
+        if fmt == "yaml":
+            return yaml.safe_dump(config, sort_keys=False)
+        return recipe_text(config, lay, method)
+
+    if len(configs) == 1:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text(configs[0]))
+        return [out]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for rank, config in enumerate(configs, 1):
+        meta = config.get("meta", {})
+        path = out / f"{rank:02d}-trial{meta.get('trial', rank)}-{meta.get('budget_sparsity', 0):.4f}{ext}"
+        path.write_text(text(config))
+        paths.append(path)
+    return paths

@@ -1,0 +1,85 @@
+"""Prune a model to a per-layer config and save it: the path ``prunesearch prune`` and ``realize`` share."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pruners.targets import SparsityConfig
+
+
+@dataclass
+class PruneJob:
+    """One one-shot pruning: the target config, the method and its options, the model and the protocol."""
+
+    config: SparsityConfig
+    method: str
+    options: dict = field(default_factory=dict)  # the method's own, e.g. {"wbits": 4} for SparseGPT
+    model: str | None = None  # None: the built-in default model
+    device: str = "cpu"
+    dtype: str = "auto"
+    calib: str = "c4"
+    nsamples: int = 128
+    seed: int = 0
+    seqlen: int | None = None
+    batch_size: int = 8
+    data_dir: str | None = None
+
+
+def run_prune(job: PruneJob, log: Callable[[str], None] = lambda msg: None):
+    """Load the model, prune it in place to ``job.config``; returns (model on CPU, tokenizer, report) where the
+    report holds the method, per-layer sparsity, protocol and timings."""
+    from prunesearch import data
+    from prunesearch.models import default_seqlen, describe_model, load_model
+    from pruners.oneshot import global_sparsity, make_pruner, prune_model
+    from pruners.registry import layout
+
+    pruner = make_pruner(job.method, **job.options)
+    timings = {}
+    t = time.perf_counter()
+    model, tokenizer, source = load_model(job.model, "cpu", job.dtype, compute_device=job.device)
+    timings["load"] = time.perf_counter() - t
+    targets = job.config.resolve(layout(model))
+    seqlen = default_seqlen(model, job.seqlen, builtin=job.model is None)
+    calib = None
+    t = time.perf_counter()
+    if pruner.stats is not None:
+        calib = data.calibration_ids(tokenizer, job.calib, job.nsamples, seqlen, job.seed, job.data_dir)
+    timings["calibration_data"] = time.perf_counter() - t
+    log(f"pruning {source} with {job.method} on {job.device}")
+    result = prune_model(model, pruner, targets, calib, device=job.device, batch_size=job.batch_size)
+    timings["prune"] = result["prune_seconds"]
+    report = {
+        "method": job.method, "model": source, "config": job.config.to_dict(), "wbits": job.options.get("wbits"),
+        "global_sparsity": global_sparsity(result["layers"]), "layers": result["layers"],
+        "protocol": {"model": describe_model(source),
+                     "calib": data.describe(job.calib, job.data_dir) if calib is not None else None,
+                     "nsamples": job.nsamples if calib is not None else 0, "seqlen": seqlen, "seed": job.seed,
+                     "device": job.device, "dtype": str(next(model.parameters()).dtype)},
+        "timings_s": timings,
+    }
+    if "details" in result:
+        report["method_details"] = result["details"]
+    return model, tokenizer, report
+
+
+def save_folder(out: Path, write: Callable[[Path], None], report_name: str, report: dict) -> None:
+    """Write a model folder atomically: ``write(tmp)`` saves the weights, then the report (with its save time)."""
+    t = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        report.setdefault("timings_s", {})["save"] = time.perf_counter() - t
+        (tmp / report_name).write_text(json.dumps(report, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
