@@ -162,3 +162,30 @@ def test_fresh_interpreter_registers_cheaply_and_loads(tiny_tokenizer, tmp_path)
     name, value = out.stdout.split()
     assert name == "PrunesearchQwen2ForCausalLM"
     assert float(value) == pytest.approx(expected, rel=1e-6)
+
+
+def test_counts_match_the_sliced_model_and_an_independent_flop_count(family):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from conftest import tiny_config
+    from pruners.width.counting import flops_per_token, memory_bytes, params
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager").eval()
+    geom = geometry(model)
+    s = shapes(model, geom)
+    widths = _ragged(geom)
+    assert params(s, geom.widths) == sum(p.numel() for p in model.parameters())
+    realize(model, widths, importance(model, IDS, "flap", batch_size=4))
+    assert params(s, widths) == sum(p.numel() for p in model.parameters())
+    seqlen = 24
+    ids = IDS[:1].repeat(1, 2)[:, :seqlen]
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(input_ids=ids)
+    assert flops_per_token(s, widths, seqlen) * seqlen == counter.get_total_flops()
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).cache
+    kv = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4
+    mem = memory_bytes(s, widths, context=seqlen)
+    assert mem["kv_cache"] == kv and mem["weights"] == 4 * params(s, widths)
