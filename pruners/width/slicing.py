@@ -51,12 +51,17 @@ def _removed(n: int, kept: list[int]) -> list[int]:
     return [j for j in range(n) if j not in keep]
 
 
+def require_bias(geom: Geometry) -> None:
+    """Raise unless FLAP's bias compensation is possible: the output projections must have biases to shift."""
+    block = geom.block(0)
+    if sub(block, geom.heads.out).bias is None or sub(block, geom.ffn.down).bias is None:
+        raise ValueError(f"bias compensation needs biases on the attention output and MLP down projections; "
+                         f"{geom.layout.family} models have none, so it is unavailable there")
+
+
 def _shifted(module: nn.Module, shift: torch.Tensor | None) -> torch.Tensor | None:
     if shift is None:
         return None if module.bias is None else module.bias.data
-    if module.bias is None:
-        raise ValueError("bias compensation needs a bias on the output projections; this model family has none "
-                         "(LLaMA/Qwen2), so it is unavailable there")
     return module.bias.data + shift.to(module.bias.dtype)
 
 
@@ -121,6 +126,8 @@ def realize(model: nn.Module, widths: list[BlockWidth], imp: Importance, bias_co
     from pruners.width.geometry import geometry
 
     geom = geometry(model)
+    if bias_compensation:
+        require_bias(geom)
     if len(widths) != len(geom.widths):
         raise ValueError(f"{len(widths)} block widths given for a model with {len(geom.widths)} blocks")
     for i, w in enumerate(widths):
