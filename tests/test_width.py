@@ -30,7 +30,8 @@ def _logits(model, ids=IDS) -> torch.Tensor:
 def _ragged(geom) -> list[BlockWidth]:
     """Block 0 keeps one key/value group and 40% of its channels, block 1 everything but 3 channels."""
     w0, w1 = geom.widths
-    return [BlockWidth(geom.group, 1, int(0.4 * w0.intermediate)), BlockWidth(w1.heads, w1.kv_heads, w1.intermediate - 3)]
+    return [BlockWidth(geom.group, 1, int(0.4 * w0.intermediate)),
+            BlockWidth(w1.heads, w1.kv_heads, w1.intermediate - 3)]
 
 
 @pytest.mark.parametrize("metric", ["wanda", "flap"])
@@ -189,3 +190,17 @@ def test_counts_match_the_sliced_model_and_an_independent_flop_count(family):
     kv = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4
     mem = memory_bytes(s, widths, context=seqlen)
     assert mem["kv_cache"] == kv and mem["weights"] == 4 * params(s, widths)
+
+
+def test_uniform_at_a_parameter_share_gives_every_block_the_same_width_on_target():
+    from pruners.width.allocation import uniform_params
+
+    model = tiny_model("llama", layers=3)
+    geom = geometry(model)
+    s = shapes(model, geom)
+    dense = s.block_params(geom.widths[0])
+    for share, kv in ((0.2, 2), (0.35, 1)):
+        widths = uniform_params(geom, s, share)
+        assert len(set(widths)) == 1 and widths[0].kv_heads == kv
+        kept = s.block_params(widths[0])
+        assert (1 - share) * dense <= kept < (1 - share) * dense + s.channel_params()

@@ -74,3 +74,19 @@ def global_ranking(geom: Geometry, imp: Importance, s: Shapes, removed_share: fl
             left[i] -= 1
             removed += cost[kind]
     return [BlockWidth(g * geom.group, g, c) for g, c in zip(groups, channels)]
+
+
+def uniform_params(geom: Geometry, s: Shapes, removed_share: float) -> list[BlockWidth]:
+    """Every block the same width with ``removed_share`` of its parameters removed: heads and channels kept at the
+    share 1 - removed_share, key/value groups rounded, and the channels then set so the block hits the target
+    (rounded up: at most one channel's parameters short of it)."""
+    if not 0 <= removed_share < 1:
+        raise ValueError(f"share of block parameters to remove must be in [0, 1), got {removed_share}")
+    out = []
+    for w in geom.widths:
+        kv = _kept(w.kv_heads, 1 - removed_share)
+        attention = BlockWidth(kv * geom.group, kv, 0)
+        goal = (1 - removed_share) * s.block_params(w) - s.block_params(attention)
+        channels = math.ceil(goal / s.channel_params()) if goal > 0 else 1
+        out.append(BlockWidth(attention.heads, kv, min(w.intermediate, max(1, channels))))
+    return out
