@@ -114,7 +114,7 @@ def main() -> None:
         widths = " ".join(f"{h}/{kv}/{c}" for h, kv, c in r["widths"])
         lines.append(f"| {r['allocation']} | {r['removed']:.1%} | {r['params']:,} | {r['ppl']:.3f} | "
                      f"{1e3 * r['prefill']:.2f} | {base['prefill'] / r['prefill']:.2f}x | {1e3 * r['decode']:.2f} | "
-                     f"{base['decode'] / r['decode']:.2f}x | {r["flops_per_token"] / 1e6:.2f} | "
+                     f"{base['decode'] / r['decode']:.2f}x | {r['flops_per_token'] / 1e6:.2f} | "
                      f"{r['memory']['kv_cache'] / 1024:.0f} | {widths} |")
     (out / "width.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
