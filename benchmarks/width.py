@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import time
@@ -27,13 +28,17 @@ from prunesearch.default_model import DEFAULT_SEQLEN
 from prunesearch.evaluate import perplexity, windows
 from prunesearch.models import load_model
 from pruners.width.allocation import global_ranking, uniform_params
-from pruners.width.counting import flops_per_token, memory_bytes, params, shapes
+from pruners.width.counting import flops_per_token, memory_bytes, shapes
 from pruners.width.geometry import geometry
 from pruners.width.importance import importance
 from pruners.width.slicing import realize
 
 SHARES = (0.2, 0.35)
 CONTEXT = 512
+
+
+def _numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()
@@ -71,30 +76,32 @@ def main() -> None:
     imp = importance(dense, calib, "flap", batch_size=args.batch_size, geom=geom)
     score_s = time.perf_counter() - t
     block_params = sum(s.block_params(w) for w in geom.widths)
-    rows = [{"allocation": "dense", "removed": 0.0, "widths": geom.widths,
+    rows = [{"allocation": "dense", "removed": 0.0, "widths": geom.widths, "params": _numel(dense),
              "ppl": perplexity(dense, test, seqlen, args.batch_size)}]
     models = {"dense": dense}
     for share in SHARES:
-        for name, allocate in (("uniform", lambda: uniform_params(geom, s, share)),
-                               ("flap-global", lambda: global_ranking(geom, imp, s, share))):
+        for name, allocate, compensate in (("uniform", lambda: uniform_params(geom, s, share), False),
+                                           ("flap-global", lambda: global_ranking(geom, imp, s, share), False),
+                                           ("flap-global+bias", lambda: global_ranking(geom, imp, s, share), True)):
             widths = allocate()
             model = copy.deepcopy(dense)
-            realize(model, widths, imp)
+            realize(model, widths, imp, bias_compensation=compensate)
             label = f"{name} {share:.0%}"
             models[label] = model
             rows.append({"allocation": name, "removed": 1 - sum(s.block_params(w) for w in widths) / block_params,
-                         "widths": widths, "ppl": perplexity(model, test, seqlen, args.batch_size), "label": label})
+                         "widths": widths, "params": _numel(model), "label": label,
+                         "ppl": perplexity(model, test, seqlen, args.batch_size)})
             print(f"{label:>16}: ppl {rows[-1]['ppl']:.3f}", flush=True)
     timing = speed(models, args.reps)
     for r in rows:
-        r.update(params=params(s, r["widths"]), flops_per_token=flops_per_token(s, r["widths"], CONTEXT),
+        r.update(flops_per_token=flops_per_token(s, r["widths"], CONTEXT),
                  memory=memory_bytes(s, r["widths"], CONTEXT), **timing[r.get("label", "dense")])
         r["widths"] = [[w.heads, w.kv_heads, w.intermediate] for w in r["widths"]]
     protocol = {"model": source, "ppl_data": data.describe("wikitext2", args.data_dir, "evaluation"),
                 "seqlen": seqlen, "eval_tokens": windows(test, seqlen).numel(),
                 "calib": data.describe("c4", args.data_dir, "calibration"), "nsamples": args.nsamples, "seed": 0,
-                "score": "flap", "bias_compensation": False, "timing": {"context": CONTEXT, "batch": 1, "threads": 1,
-                                                                       "reps": args.reps, "statistic": "median"},
+                "score": "flap", "load_average": [round(x, 1) for x in os.getloadavg()],
+                "timing": {"context": CONTEXT, "batch": 1, "threads": 1, "reps": args.reps, "statistic": "median"},
                 "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,10 +110,11 @@ def main() -> None:
     base = rows[0]
     lines = [f"# Width pruning of {Path(source).name} on CPU", "",
              f"WikiText-2 test PPL (full stream, {protocol['eval_tokens']} tokens, seqlen {seqlen}); FLAP fluctuation "
-             f"scores from {args.nsamples} x {seqlen} C4 calibration tokens, seed 0 ({score_s:.1f}s); no bias "
-             "compensation (LLaMA has no output biases). Removed = share of the blocks' projection parameters. "
-             f"Speed: batch 1, torch threads 1, median of {args.reps} interleaved repetitions in one run; prefill of "
-             f"{CONTEXT} tokens and one decoded token after it. FLOPs per token at seqlen {CONTEXT} "
+             f"scores from {args.nsamples} x {seqlen} C4 calibration tokens, seed 0 ({score_s:.1f}s); +bias: FLAP's "
+             "bias compensation (zero biases added first, then the removed units' mean contribution). Removed = "
+             "share of the blocks' projection parameters; params = all parameters of the saved model. "
+             f"Load average (1/5/15 min) at the end of the run: {protocol['load_average']}. Speed: batch 1, torch "
+             f"threads 1, median of {args.reps} interleaved repetitions in one run; prefill of {CONTEXT} tokens and one decoded token after it. FLOPs per token at seqlen {CONTEXT} "
              "(pruners/width/counting.py); KV cache at that context, float32.", "",
              "| allocation | removed | params | PPL | prefill ms | speedup | decode ms | speedup | MFLOPs/token "
              "| KV KiB | widths (heads/kv/channels per block) |", "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -54,7 +54,9 @@ class Heads:
 @dataclass(frozen=True)
 class Family:
     """Layout of one model family: the dotted path to its block list, the projections of one block, its FFN and,
-    when width pruning knows it, how its attention splits into heads."""
+    when width pruning knows it, how its attention splits into heads. ``bias_flags`` are config flags that, all set,
+    give every attention and MLP projection a bias (LLaMA's ``attention_bias``, ``mlp_bias``; a member whose config
+    lacks them, such as Qwen2, cannot add biases)."""
 
     name: str
     model_types: tuple[str, ...]
@@ -63,6 +65,7 @@ class Family:
     mlp: tuple[str, ...]
     ffn: FFN | None = None
     heads: Heads | None = None
+    bias_flags: tuple[str, ...] = ()
 
 
 _LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -72,7 +75,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2",
                      "granite", "smollm3"), "model.layers", _LLAMA_ATTN, _GATED_MLP,
            FFN("mlp.up_proj", "mlp.down_proj", "mlp.gate_proj", ("hidden_activation", "hidden_act")),
-           Heads("self_attn", _LLAMA_ATTN[:3], "self_attn.o_proj")),
+           Heads("self_attn", _LLAMA_ATTN[:3], "self_attn.o_proj"), ("attention_bias", "mlp_bias")),
     Family("opt", ("opt",), "model.decoder.layers",
            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"), ("fc1", "fc2"),
            FFN("fc1", "fc2", act_keys=("activation_function",)),
@@ -133,6 +136,7 @@ class ModelLayout:
     ffn: FFN | None = None
     activation: str | None = None
     heads: Heads | None = None
+    bias_flags: tuple[str, ...] = ()
 
     @property
     def num_blocks(self) -> int:
@@ -210,4 +214,4 @@ def layout(model: nn.Module) -> ModelLayout:
     config = getattr(model, "config", None)
     activation = next((getattr(config, k) for k in ffn.act_keys if getattr(config, k, None)), None) if ffn else None
     return ModelLayout(family.name if family else "generic", path, blocks, projections, ffn, activation,
-                       family.heads if family else None)
+                       family.heads if family else None, family.bias_flags if family else ())

@@ -52,7 +52,7 @@ def _add_width_options(p: argparse.ArgumentParser) -> None:
                    help="with --width: every block keeps that share (uniform, default), or the model keeps that "
                         "share of its block parameters, the lowest FLAP-standardized units removed model-wide")
     g.add_argument("--bias-compensation", action="store_true", default=None,
-                   help="add the mean contribution of removed units to the output biases (FLAP; OPT, GPT-2)")
+                   help="add the mean contribution of removed units to the output biases (FLAP; not Qwen2)")
 
 
 def _method_options(args) -> dict:

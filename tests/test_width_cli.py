@@ -72,14 +72,14 @@ def test_bad_width_input_is_one_line_and_exit_2(model_dir, calib_file, tmp_path,
     assert not (tmp_path / "x").exists()
 
 
-def test_width_flags_with_another_method_and_bias_on_llama_are_refused(tmp_path, calib_file, tiny_tokenizer,
+def test_width_flags_with_another_method_and_bias_on_qwen2_are_refused(tmp_path, calib_file, tiny_tokenizer,
                                                                           capsys):
-    path = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
+    path = tmp_path / "tiny-qwen2"
+    tiny_model("qwen2").save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     argv = ["prune", "--model", str(path), "--calib", str(calib_file), "--nsamples", "2", "--seqlen", "16",
             "--device", "cpu", "--out", str(tmp_path / "y")]
     assert main(argv + ["--method", "wanda", "--sparsity", "0.5", "--bias-compensation"]) == 2
     assert "--bias-compensation only work with --method width" in capsys.readouterr().err
     assert main(argv + ["--method", "width", "--width", "0.5", "--bias-compensation"]) == 2
-    assert "llama models have none" in capsys.readouterr().err
+    assert "qwen2 models have none and cannot add them" in capsys.readouterr().err

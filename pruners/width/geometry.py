@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -37,6 +38,7 @@ class Geometry:
     """A model's head size, query heads per key/value head, gating, and each block's current width."""
 
     layout: ModelLayout
+    config: Any
     heads: Heads
     ffn: FFN
     hidden: int
@@ -79,4 +81,4 @@ def geometry(model: nn.Module) -> Geometry:
     for block in lay.blocks:
         q = get_weight(sub(block, heads.out)).shape[1] // head_dim
         widths.append(BlockWidth(q, q // group, get_weight(sub(block, ffn.down)).shape[1]))
-    return Geometry(lay, heads, ffn, hidden, head_dim, group, widths)
+    return Geometry(lay, config, heads, ffn, hidden, head_dim, group, widths)

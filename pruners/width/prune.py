@@ -27,18 +27,19 @@ def prune_width(model: nn.Module, calib_ids: torch.Tensor, allocate: Allocator, 
     counts before/after (FLOPs per token and KV cache at the calibration sequence length)."""
     geom = geometry(model)
     if bias_compensation:
-        require_bias(geom)
+        require_bias(geom)  # before the walk, not after it
     s = shapes(model, geom)
     before = list(geom.widths)
     start = time.perf_counter()
     imp = importance(model, calib_ids, metric, device, batch_size, geom)
     widths = allocate(geom, imp, s)
-    realize(model, widths, imp, bias_compensation)
+    geom = realize(model, widths, imp, bias_compensation)
     seqlen = calib_ids.shape[1]
     return {
         "layers": [{"block": i, "heads": w.heads, "kv_heads": w.kv_heads, "intermediate": w.intermediate,
                     "dense": {"heads": b.heads, "kv_heads": b.kv_heads, "intermediate": b.intermediate}}
                    for i, (b, w) in enumerate(zip(before, widths))],
-        "before": _counts(s, before, seqlen), "after": _counts(s, widths, seqlen), "counted_at_seqlen": seqlen,
+        "before": _counts(s, before, seqlen), "after": _counts(shapes(model, geom), widths, seqlen),
+        "counted_at_seqlen": seqlen,
         "score": metric, "bias_compensation": bias_compensation, "prune_seconds": time.perf_counter() - start,
     }

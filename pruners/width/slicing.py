@@ -51,12 +51,36 @@ def _removed(n: int, kept: list[int]) -> list[int]:
     return [j for j in range(n) if j not in keep]
 
 
-def require_bias(geom: Geometry) -> None:
-    """Raise unless FLAP's bias compensation is possible: the output projections must have biases to shift."""
+def _lacking_bias(geom: Geometry) -> bool:
     block = geom.block(0)
-    if sub(block, geom.heads.out).bias is None or sub(block, geom.ffn.down).bias is None:
+    return sub(block, geom.heads.out).bias is None or sub(block, geom.ffn.down).bias is None
+
+
+def require_bias(geom: Geometry) -> None:
+    """Raise unless FLAP's bias compensation is possible: the output projections have biases, or the family's
+    config flags can give them some (``bias_flags`` in pruners/registry.py)."""
+    flags = geom.layout.bias_flags
+    if _lacking_bias(geom) and not (flags and all(hasattr(geom.config, f) for f in flags)):
         raise ValueError(f"bias compensation needs biases on the attention output and MLP down projections; "
-                         f"{geom.layout.family} models have none, so it is unavailable there")
+                         f"{geom.config.model_type} models have none and cannot add them, so it is unavailable there")
+
+
+def add_biases(geom: Geometry) -> None:
+    """Give every attention and MLP projection a bias (zeros where there was none) and set the family's config
+    flags, so FLAP's compensation has biases to shift and the model saves and reloads with them."""
+    require_bias(geom)
+    if not _lacking_bias(geom):
+        return
+    for flag in geom.layout.bias_flags:
+        setattr(geom.config, flag, True)
+    paths = [*geom.heads.qkv, geom.heads.out, geom.ffn.up, geom.ffn.down] + ([geom.ffn.gate] if geom.gated else [])
+    for block in geom.layout.blocks:
+        for path in paths:
+            m = sub(block, path)
+            if m.bias is None:
+                w = get_weight(m)
+                m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                      requires_grad=m.weight.requires_grad)
 
 
 def _shifted(module: nn.Module, shift: torch.Tensor | None) -> torch.Tensor | None:
@@ -127,7 +151,7 @@ def realize(model: nn.Module, widths: list[BlockWidth], imp: Importance, bias_co
 
     geom = geometry(model)
     if bias_compensation:
-        require_bias(geom)
+        add_biases(geom)
     if len(widths) != len(geom.widths):
         raise ValueError(f"{len(widths)} block widths given for a model with {len(geom.widths)} blocks")
     for i, w in enumerate(widths):
