@@ -114,8 +114,9 @@ def main() -> None:
              "bias compensation (zero biases added first, then the removed units' mean contribution). Removed = "
              "share of the blocks' projection parameters; params = all parameters of the saved model. "
              f"Load average (1/5/15 min) at the end of the run: {protocol['load_average']}. Speed: batch 1, torch "
-             f"threads 1, median of {args.reps} interleaved repetitions in one run; prefill of {CONTEXT} tokens and one decoded token after it. FLOPs per token at seqlen {CONTEXT} "
-             "(pruners/width/counting.py); KV cache at that context, float32.", "",
+             f"threads 1, median of {args.reps} interleaved repetitions in one run; prefill of {CONTEXT} tokens "
+             f"and one decoded token after it. FLOPs per token at seqlen {CONTEXT} (pruners/width/counting.py); KV "
+             "cache at that context, float32.", "",
              "| allocation | removed | params | PPL | prefill ms | speedup | decode ms | speedup | MFLOPs/token "
              "| KV KiB | widths (heads/kv/channels per block) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
