@@ -154,6 +154,7 @@ def test_export_round_trip_through_both_loaders(family, tiny_tokenizer, tmp_path
     for loaded in (auto, ours):
         assert geometry(loaded).widths == widths
         torch.testing.assert_close(_logits(loaded), before, atol=0, rtol=0)
+    assert geometry(AutoModelForCausalLM.from_config(auto.config)).widths == widths  # fresh weights, same shapes
 
 
 def test_fresh_interpreter_registers_cheaply_and_loads(tiny_tokenizer, tmp_path):
