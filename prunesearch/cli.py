@@ -395,8 +395,9 @@ def _prune_width(args, out: Path) -> int:
         dense = row["dense"]
         print(f"{row['block']:>5} {row['heads']:>4}/{dense['heads']:<4} {row['kv_heads']:>3}/{dense['kv_heads']:<3} "
               f"{row['intermediate']:>6}/{dense['intermediate']:<6}")
-    before, after = result["before"]["params"], result["after"]["params"]
-    print(f"parameters {before:,} -> {after:,} ({after / before:.1%}); saved to {out}")
+    before, after = result["before"], result["after"]
+    print(f"parameters {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.1%}; block "
+          f"projections {after['block_params'] / before['block_params']:.1%}); saved to {out}")
     return 0
 
 
