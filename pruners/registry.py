@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunesearch.autoclasses import PREFIX as EXPORT_PREFIX
+
 try:
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - very old transformers
@@ -87,8 +89,6 @@ FAMILIES: tuple[Family, ...] = (
     Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers", ("attention.query_key_value", "attention.dense"),
            ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), FFN("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
 )
-
-EXPORT_PREFIX = "prunesearch_"  # model_type of a width-pruned export: the base model_type behind this prefix
 
 _GENERIC_BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
                         "transformer.blocks", "transformer.layers", "model.transformer.h")
@@ -184,7 +184,7 @@ class ModelLayout:
 def layout(model: nn.Module) -> ModelLayout:
     """Find the blocks and projections of ``model``; raises a clear error if the model cannot be walked."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    base_type = model_type.removeprefix(EXPORT_PREFIX) if isinstance(model_type, str) else model_type
+    base_type = model_type.removeprefix(EXPORT_PREFIX) if isinstance(model_type, str) else model_type  # width exports
     family = next((f for f in FAMILIES if base_type in f.model_types), None)
     candidates = [family.blocks] if family else list(_GENERIC_BLOCK_PATHS)
     for path in candidates:

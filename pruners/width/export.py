@@ -43,6 +43,11 @@ def model_class(base_type: str) -> type:
     return _model_classes[base_type]
 
 
+def check_exportable(model: nn.Module) -> None:
+    """Raise before any slicing if ``model``'s family has no width-export classes."""
+    config_class(model.config.model_type.removeprefix(PREFIX))
+
+
 def as_export(model: nn.Module, geom: Geometry) -> nn.Module:
     """Turn a sliced model, in place, into its family's width-export class with the per-layer widths in its config
     (the config object is kept, as every module holds it; only its class and the width lists change)."""

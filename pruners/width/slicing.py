@@ -146,10 +146,12 @@ def realize(model: nn.Module, widths: list[BlockWidth], imp: Importance, bias_co
     Slicing (default) removes them and turns the model into its width-export class (``pruners.width.export``);
     ``mask`` zeroes them instead. ``bias_compensation`` adds FLAP's mean contribution of what is removed.
     """
-    from pruners.width.export import as_export
+    from pruners.width.export import as_export, check_exportable
     from pruners.width.geometry import geometry
 
     geom = geometry(model)
+    if not mask:
+        check_exportable(model)
     if bias_compensation:
         add_biases(geom)
     if len(widths) != len(geom.widths):
