@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunesearch.autoclasses import PREFIX as EXPORT_PREFIX
+
 try:
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - very old transformers
@@ -31,8 +33,32 @@ class FFN:
 
 
 @dataclass(frozen=True)
+class Heads:
+    """How a block's attention splits into heads, for width pruning; names are local to the block.
+
+    ``qkv`` lists the projections whose output rows are per head: ``(q, k, v)``, or one fused projection whose rows
+    are the q, k and v blocks one after the other (GPT-2's ``c_attn``). ``out`` reads the heads as input columns.
+    ``count_attrs`` are attributes of the attention module that hold its query-head count and ``width_attrs`` its
+    query width (heads x head_dim); width pruning sets them per layer because the module reads them in ``forward``.
+    """
+
+    module: str
+    qkv: tuple[str, ...]
+    out: str
+    count_attrs: tuple[str, ...] = ()
+    width_attrs: tuple[str, ...] = ()
+
+    @property
+    def fused(self) -> bool:
+        return len(self.qkv) == 1
+
+
+@dataclass(frozen=True)
 class Family:
-    """Layout of one model family: the dotted path to its block list, the projections of one block, its FFN."""
+    """Layout of one model family: the dotted path to its block list, the projections of one block, its FFN and,
+    when width pruning knows it, how its attention splits into heads. ``bias_flags`` are config flags that, all set,
+    give every attention and MLP projection a bias (LLaMA's ``attention_bias``, ``mlp_bias``; a member whose config
+    lacks them, such as Qwen2, cannot add biases)."""
 
     name: str
     model_types: tuple[str, ...]
@@ -40,6 +66,8 @@ class Family:
     attention: tuple[str, ...]
     mlp: tuple[str, ...]
     ffn: FFN | None = None
+    heads: Heads | None = None
+    bias_flags: tuple[str, ...] = ()
 
 
 _LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -48,12 +76,16 @@ _GATED_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2",
                      "granite", "smollm3"), "model.layers", _LLAMA_ATTN, _GATED_MLP,
-           FFN("mlp.up_proj", "mlp.down_proj", "mlp.gate_proj", ("hidden_activation", "hidden_act"))),
+           FFN("mlp.up_proj", "mlp.down_proj", "mlp.gate_proj", ("hidden_activation", "hidden_act")),
+           Heads("self_attn", _LLAMA_ATTN[:3], "self_attn.o_proj"), ("attention_bias", "mlp_bias")),
     Family("opt", ("opt",), "model.decoder.layers",
            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"), ("fc1", "fc2"),
-           FFN("fc1", "fc2", act_keys=("activation_function",))),
+           FFN("fc1", "fc2", act_keys=("activation_function",)),
+           Heads("self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.out_proj",
+                 count_attrs=("num_heads",))),
     Family("gpt2", ("gpt2",), "transformer.h", ("attn.c_attn", "attn.c_proj"), ("mlp.c_fc", "mlp.c_proj"),
-           FFN("mlp.c_fc", "mlp.c_proj", act_keys=("activation_function",))),
+           FFN("mlp.c_fc", "mlp.c_proj", act_keys=("activation_function",)),
+           Heads("attn", ("attn.c_attn",), "attn.c_proj", count_attrs=("num_heads",), width_attrs=("split_size",))),
     Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers", ("attention.query_key_value", "attention.dense"),
            ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), FFN("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
 )
@@ -103,6 +135,8 @@ class ModelLayout:
     projections: list[dict[str, nn.Module]]
     ffn: FFN | None = None
     activation: str | None = None
+    heads: Heads | None = None
+    bias_flags: tuple[str, ...] = ()
 
     @property
     def num_blocks(self) -> int:
@@ -135,6 +169,13 @@ class ModelLayout:
         roles = {"up": self.ffn.up, "down": self.ffn.down, "gate": self.ffn.gate}
         return {role: f"{self.blocks_path}.{i}.{local}" for role, local in roles.items() if local}
 
+    def width_spec(self) -> tuple[Heads, FFN]:
+        """How this model's attention splits into heads and its FFN into channels (what width pruning slices)."""
+        if self.heads is None or self.ffn is None:
+            raise ValueError(f"width pruning does not know how {self.family!r} models split into heads and channels; "
+                             "describe it with Heads and FFN in its Family in pruners/registry.py")
+        return self.heads, self.ffn
+
     def numel(self, name: str) -> int:
         """Number of weights of a projection (what sparsity budgets are weighted by)."""
         return self.projections[self.block_of(name)][name].weight.numel()
@@ -143,7 +184,8 @@ class ModelLayout:
 def layout(model: nn.Module) -> ModelLayout:
     """Find the blocks and projections of ``model``; raises a clear error if the model cannot be walked."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    family = next((f for f in FAMILIES if model_type in f.model_types), None)
+    base_type = model_type.removeprefix(EXPORT_PREFIX) if isinstance(model_type, str) else model_type  # width exports
+    family = next((f for f in FAMILIES if base_type in f.model_types), None)
     candidates = [family.blocks] if family else list(_GENERIC_BLOCK_PATHS)
     for path in candidates:
         blocks = _get(model, path)
@@ -171,4 +213,5 @@ def layout(model: nn.Module) -> ModelLayout:
     ffn = family.ffn if family else None
     config = getattr(model, "config", None)
     activation = next((getattr(config, k) for k in ffn.act_keys if getattr(config, k, None)), None) if ffn else None
-    return ModelLayout(family.name if family else "generic", path, blocks, projections, ffn, activation)
+    return ModelLayout(family.name if family else "generic", path, blocks, projections, ffn, activation,
+                       family.heads if family else None, family.bias_flags if family else ())

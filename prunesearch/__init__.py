@@ -5,3 +5,7 @@ search engine and the accuracy predictor are the top-level packages ``pruners``,
 """
 
 __version__ = "0.1.0"
+
+from prunesearch.autoclasses import install as _install_autoclasses
+
+_install_autoclasses()

@@ -48,12 +48,25 @@ def _add_sparsellm_options(p: argparse.ArgumentParser) -> None:
                    help="blocks optimized jointly; the others get plain SparseGPT (default: all)")
 
 
+def _add_width_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("width (--method width)")
+    g.add_argument("--width-score", help="unit importance: flap (fluctuation, default) or wanda (|W|·||X||)")
+    g.add_argument("--width-allocation", choices=["uniform", "global"],
+                   help="with --width: every block keeps that share (uniform, default), or the model keeps that "
+                        "share of its block parameters, the lowest FLAP-standardized units removed model-wide")
+    g.add_argument("--bias-compensation", action="store_true", default=None,
+                   help="add the mean contribution of removed units to the output biases (FLAP; not Qwen2)")
+
+
 def _method_options(args) -> dict:
     """The chosen method's own options; another method's flags are a usage error."""
     own = {"gblm": {"alpha": args.gblm_alpha, "norm": args.gblm_norm},
            "sparsellm": {k: getattr(args, f"sparsellm_{k}") for k in ("iters", "alpha", "beta", "gamma", "layers")}}
-    for method, options in own.items():
-        given = [f"--{method}-{k}" for k, v in options.items() if v is not None]
+    flags = {f"--{method}-{k}": (method, v) for method, options in own.items() for k, v in options.items()}
+    flags |= {f"--{k}": ("width", getattr(args, k.replace("-", "_")))
+              for k in ("width", "width-score", "width-allocation", "bias-compensation")}
+    for method in {m for m, _ in flags.values()}:
+        given = [flag for flag, (m, v) in flags.items() if m == method and v is not None]
         if given and args.method != method:
             raise UsageError(f"{', '.join(given)} only work with --method {method}")
     return {"wbits": args.wbits} | own.get(args.method, {})
@@ -68,10 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune a model one-shot and save a folder that from_pretrained loads.")
     _add_model_options(p)
     _add_calib_options(p)
-    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "gblm", "sparsellm"])
+    p.add_argument("--method", required=True,
+                   choices=["magnitude", "wanda", "sparsegpt", "gblm", "sparsellm", "width"],
+                   help="width removes attention heads and MLP channels (structured); the others zero weights")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="uniform sparsity in [0, 1)")
-    target.add_argument("--config", help="per-layer JSON config (schema in the README)")
+    target.add_argument("--width", type=float, help="width only: share of heads and MLP channels kept, in (0, 1]")
+    target.add_argument("--config", help="per-layer JSON config (schema in the README; a width section for width)")
     p.add_argument("--pattern", help="unstructured | N:M such as 2:4 or 4:8 (default: unstructured)")
     p.add_argument("--wbits", type=int, help="SparseGPT only: also quantize the kept weights to this many bits")
     p.add_argument("--gblm-alpha", type=float, help="GBLM only: weight α of the gradient term |W|·G (default: 1, "
@@ -80,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "sequences (default: l2)")
     p.add_argument("--ppl", help="after pruning, report perplexity on these comma-separated datasets")
     _add_sparsellm_options(p)
+    _add_width_options(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_prune)
@@ -263,27 +280,102 @@ def cmd_prune(args) -> int:
     from prunesearch.pruning import PruneJob, run_prune, save_folder
 
     out = _check_out(args.out, args.overwrite)
+    options = _method_options(args)
+    if args.nsamples < 1:
+        raise UsageError("--nsamples must be at least 1")
+    if args.method == "width":
+        return _prune_width(args, out)
     config = _targets_config(args)
     if args.wbits is not None and (args.method != "sparsegpt" or not 2 <= args.wbits <= 8):
         raise UsageError("--wbits takes 2..8 and only works with --method sparsegpt")
-    if args.nsamples < 1:
-        raise UsageError("--nsamples must be at least 1")
     device = resolve_device(args.device)
-    job = PruneJob(config, args.method, _method_options(args), args.model, device, args.dtype, args.calib,
+    job = PruneJob(config, args.method, options, args.model, device, args.dtype, args.calib,
                    args.nsamples, args.seed, args.seqlen, args.batch_size, args.data_dir)
     model, tokenizer, report = run_prune(job, _log)
     if args.ppl:
         model.to(device)
         report["ppl"] = _perplexities(model, tokenizer, args.ppl.split(","), report["protocol"]["seqlen"], args)
         model.to("cpu")
+    save_folder(out, _model_writer(model, tokenizer), "prune_report.json", report)
+    _print_sparsity(report["layers"])
+    print(f"global sparsity {report['global_sparsity']:.4f}; saved to {out}")
+    return 0
 
+
+def _model_writer(model, tokenizer) -> Callable[[Path], None]:
+    """What ``save_folder`` writes for a pruned model: its weights and its tokenizer."""
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+    return write
 
-    save_folder(out, write, "prune_report.json", report)
-    _print_sparsity(report["layers"])
-    print(f"global sparsity {report['global_sparsity']:.4f}; saved to {out}")
+
+def _width_allocator(args):
+    """How ``prune --method width`` picks per-layer widths: --width (uniform or global) or the config's section."""
+    from pruners.width.allocation import from_config, global_ranking, uniform
+
+    if args.config:
+        try:
+            section = json.loads(Path(args.config).read_text()).get("width")
+        except (OSError, json.JSONDecodeError, AttributeError) as e:
+            raise UsageError(f"--config {args.config}: cannot read a JSON object ({e})") from None
+        if not isinstance(section, dict) or not section:
+            raise UsageError(f"--config {args.config} has no width section (schema in the README)")
+        if args.width_allocation:
+            raise UsageError("--width-allocation goes with --width, not --config")
+        return lambda geom, imp, s: from_config(geom, section)
+    if args.width is None or not 0 < args.width <= 1:
+        raise UsageError("--method width needs --width in (0, 1] (share kept) or --config with a width section")
+    if args.width_allocation == "global":
+        return lambda geom, imp, s: global_ranking(geom, imp, s, 1 - args.width)
+    return lambda geom, imp, s: uniform(geom, args.width)
+
+
+def _prune_width(args, out: Path) -> int:
+    from pruners.width.importance import METRICS
+    from pruners.width.prune import prune_width
+    from prunesearch import data
+    from prunesearch.models import describe_model, load_model, resolve_device
+    from prunesearch.pruning import save_folder
+
+    if args.sparsity is not None or args.pattern or args.wbits is not None:
+        raise UsageError("--sparsity, --pattern and --wbits do not apply to --method width")
+    score = args.width_score or "flap"
+    if score not in METRICS:
+        raise UsageError(f"--width-score must be one of {', '.join(METRICS)}, got {score!r}")
+    allocate = _width_allocator(args)
+    device = resolve_device(args.device)
+    timings = {}
+    t = time.perf_counter()
+    model, tokenizer, source = load_model(args.model, "cpu", args.dtype, compute_device=device)
+    timings["load"] = time.perf_counter() - t
+    seqlen = _seqlen(model, args)
+    t = time.perf_counter()
+    calib = data.calibration_ids(tokenizer, args.calib, args.nsamples, seqlen, args.seed, args.data_dir)
+    timings["calibration_data"] = time.perf_counter() - t
+    _log(f"width-pruning {source} ({score} scores) on {device}")
+    result = prune_width(model, calib, allocate, score, bool(args.bias_compensation), device, args.batch_size)
+    timings["prune"] = result.pop("prune_seconds")
+    report = {"method": "width", "model": source, "width": args.width, "width_allocation": args.width_allocation
+              or ("uniform" if args.width is not None else None), "config": args.config, **result,
+              "protocol": {"model": describe_model(source), "calib": data.describe(args.calib, args.data_dir),
+                           "nsamples": args.nsamples,
+                           "seqlen": seqlen, "seed": args.seed, "device": device,
+                           "dtype": str(next(model.parameters()).dtype)},
+              "timings_s": timings}
+    if args.ppl:
+        model.to(device)
+        report["ppl"] = _perplexities(model, tokenizer, args.ppl.split(","), seqlen, args)
+        model.to("cpu")
+    save_folder(out, _model_writer(model, tokenizer), "prune_report.json", report)
+    print(f"{'block':>5} {'heads':>9} {'kv':>7} {'channels':>13}")
+    for row in result["layers"]:
+        dense = row["dense"]
+        print(f"{row['block']:>5} {row['heads']:>4}/{dense['heads']:<4} {row['kv_heads']:>3}/{dense['kv_heads']:<3} "
+              f"{row['intermediate']:>6}/{dense['intermediate']:<6}")
+    before, after = result["before"], result["after"]
+    print(f"parameters {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.1%}; block "
+          f"projections {after['block_params'] / before['block_params']:.1%}); saved to {out}")
     return 0
 
 
