@@ -5,18 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 
 from prunesearch import __version__
+from prunesearch.safety import UserError
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """Bad input from the user: reported as one line on stderr, exit status 2, nothing written."""
 
 
@@ -120,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="local worker processes on one study")
     p.add_argument("--storage", help="Optuna storage URL or journal file (default: a journal in --out)")
     p.add_argument("--study", default="prunesearch", help="study name in the storage")
+    p.add_argument("--cache-dir", help="folder for the expensive caches (ranks, level database, dense reference), "
+                                       "shared by workers of one study (default: --out/cache)")
+    p.add_argument("--heartbeat", type=int, default=60, help="database storage: seconds between a trial's "
+                                                             "heartbeats; a trial silent for 2x that is failed and "
+                                                             "retried (default: 60)")
     p.add_argument("--fitness-samples", type=int, default=32, help="held-out sequences per full evaluation")
     p.add_argument("--low-fidelity-samples", type=int, default=8, help="sequences of the first, cheap rung")
     p.add_argument("--report-ppl", default="wikitext2", help="datasets reported (never searched) for the best "
@@ -206,12 +210,10 @@ def _log(msg: str) -> None:
 
 
 def _check_out(out: str, overwrite: bool) -> Path:
-    path = Path(out)
-    if path.exists() and not overwrite:
-        raise UsageError(f"--out {path} already exists; pass --overwrite to replace it")
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {path} exists and is not a folder")
-    return path
+    """A new --out, or with --overwrite a folder prunesearch wrote (``prunesearch.safety.check_out``)."""
+    from prunesearch.safety import check_out
+
+    return check_out(out, overwrite)
 
 
 def _targets_config(args):
@@ -291,19 +293,13 @@ def cmd_prune(args) -> int:
         report["ppl"] = _perplexities(model, tokenizer, args.ppl.split(","), seqlen, args)
         model.to("cpu")
     t = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from prunesearch.safety import output_folder
+
+    with output_folder(out, "prune") as tmp:  # written beside --out, then swapped in by one rename
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         timings["save"] = time.perf_counter() - t
         (tmp / "prune_report.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     _print_sparsity(result["layers"])
     print(f"global sparsity {report['global_sparsity']:.4f}; saved to {out}")
     return 0
@@ -340,7 +336,9 @@ def cmd_eval(args) -> int:
                                           args.batch_size, device)
     text = json.dumps(results, indent=2)
     if args.json:
-        Path(args.json).write_text(text)
+        from prunesearch.files import atomic_write
+
+        atomic_write(args.json, text)
     print(text)
     return 0
 
@@ -376,9 +374,9 @@ def parse_duration(text: str) -> float:
 def cmd_search(args) -> int:
     from prunesearch.models import resolve_device
     from search.engine import SearchSettings, run_search
+    from search.preflight import check_search_args
 
-    if args.trials is not None and args.trials < 1:
-        raise UsageError("--trials must be at least 1")
+    check_search_args(args)  # storage, budget, pattern, out, numbers: before the model loads
     multi = ":" in args.budget
     settings = SearchSettings(
         model=args.model, budget=args.budget, pattern=args.pattern, granularity=args.granularity,
@@ -399,7 +397,10 @@ def cmd_search(args) -> int:
     summary = run_search(settings, out, args.trials, time_budget, args.workers, args.storage, args.study,
                          resolve_device(args.device), args.batch_size,
                          tuple(d for d in args.report_ppl.split(",") if d), args.report_limit or None, not args.quiet,
-                         guide)
+                         guide, args.cache_dir and Path(args.cache_dir), args.heartbeat)
+    if summary.get("stopped"):
+        print(f"prunesearch: {summary['stopped']}; the trials so far are kept in {out}", file=sys.stderr)
+        return 1
     _print_summary(summary, out)
     return 130 if summary.get("interrupted") else 0
 
@@ -450,8 +451,13 @@ def cmd_ast(args) -> int:
         trainer.load_checkpoint(out / "checkpoint")
         _log(f"resuming at step {trainer.step} of {settings.steps}")
     elif out.exists():
-        shutil.rmtree(out)
+        from prunesearch.safety import remove_output
+
+        remove_output(out)
     out.mkdir(parents=True, exist_ok=True)
+    from prunesearch.safety import mark_output
+
+    mark_output(out, "ast")
     _log(f"AST on {source}: {len(trainer.layers)} sparse layers, {settings.windows} C4-train-side windows of "
          f"{seqlen} tokens, device {device}")
     t = time.perf_counter()
@@ -477,7 +483,9 @@ def cmd_ast(args) -> int:
         report["ppl"] = _perplexities(model.to(device), tokenizer, args.ppl.split(","), seqlen, args)
     report["history"] = history
     save_ast_model(model.to("cpu"), tokenizer, slorbs, out)
-    (out / "ast_report.json").write_text(json.dumps(report, indent=2))
+    from prunesearch.files import atomic_json
+
+    atomic_json(out / "ast_report.json", report)
     last = history[-1] if history else {}
     print(f"AST done: {trainer.step} steps, last loss {last.get('loss', float('nan')):.4f}; SLoRB parameters "
           f"{slorb_params}; size vs fp32 {report['size']['model_ratio_vs_fp32']:.2f}x; saved to {out}")
@@ -569,11 +577,14 @@ def cmd_predictor_retrain(args) -> int:
     training = {"runs": [str(r) for r in args.runs], "pairs_files": [str(p) for p in args.pairs],
                 "pairs": len(pairs), "hash": data_hash(pairs.X, pairs.y), "models": sorted(set(pairs.model)),
                 "budgets": sorted(set(pairs.budget)), "fitness_kind": pairs.fitness_kind[0]}
-    if out.exists():
-        shutil.rmtree(out)
-    model.save(out, spec, training, metrics)
+    from prunesearch.files import atomic_path
+    from prunesearch.safety import output_folder
+
+    with output_folder(out, "predictor") as tmp:
+        model.save(tmp, spec, training, metrics)
     if args.export_pairs:
-        pairs.to_frame(spec).to_parquet(args.export_pairs, index=False)
+        with atomic_path(args.export_pairs) as tmp:
+            pairs.to_frame(spec).to_parquet(tmp, index=False)
     _print_metrics(rows)
     print(f"trained on {len(pairs)} pairs from {len(args.runs)} run(s) and {len(args.pairs)} pairs file(s); "
           f"saved to {out}")
