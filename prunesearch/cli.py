@@ -223,10 +223,17 @@ def _targets_config(args):
         config = SparsityConfig.load(args.config)
         if args.pattern and args.pattern != config.pattern:
             raise UsageError(f"--pattern {args.pattern} contradicts the config's pattern {config.pattern}")
-        return config
-    if args.sparsity is None and not (args.pattern and ":" in args.pattern):
+    elif args.sparsity is None and not (args.pattern and ":" in args.pattern):
         raise UsageError("give --sparsity P, --config FILE, or an N:M --pattern")
-    return SparsityConfig.uniform(args.sparsity, args.pattern or "unstructured")
+    else:
+        config = SparsityConfig.uniform(args.sparsity, args.pattern or "unstructured")
+    return config
+
+
+def check_pattern_fits(model: str | None, m: int) -> None:
+    from prunesearch.models import check_pattern_fits as check
+
+    check(model, m)
 
 
 def _seqlen(model, args) -> int:
@@ -263,6 +270,7 @@ def cmd_prune(args) -> int:
     if args.nsamples < 1:
         raise UsageError("--nsamples must be at least 1")
     pruner = make_pruner(args.method, **_method_options(args))
+    check_pattern_fits(args.model, config.m)  # before the model loads
     device = resolve_device(args.device)
     timings = {}
     t = time.perf_counter()
@@ -434,6 +442,7 @@ def cmd_ast(args) -> int:
         raise UsageError("ast trains float32 master weights (bf16 autocast on GPU); --dtype must be auto or float32")
     if args.save_every < 0 or args.group_size < 0 or args.nsamples < 1:
         raise UsageError("--save-every and --group-size must be >= 0, --nsamples >= 1")
+    check_pattern_fits(args.model, config.m)  # before the model loads
     settings = ASTSettings(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, min_lr=args.min_lr,
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, a_task=a_task, a_kl=a_kl,

@@ -252,7 +252,7 @@ class Workspace:
     def objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
         """Fitness of the trial's allocation; with a budget range, (fitness, sparsity). A non-finite fitness or
         an out-of-memory error fails the trial with its reason recorded (``search.faults``)."""
-        return faults.guarded(self._objective, trial, self.multi)
+        return faults.guarded(self._objective, trial, self.multi, getattr(self, "stop_rule", None))
 
     def _objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
         t = time.perf_counter()
@@ -286,14 +286,16 @@ def _measured_twin(trial: optuna.Trial, alloc: np.ndarray) -> optuna.trial.Froze
 
 
 def open_study(settings: SearchSettings, out: Path, storage: str | None, study_name: str, space: Space,
-               worker: int = 0, heartbeat: int = storages.HEARTBEAT_S) -> optuna.Study:
+               worker: int = 0, heartbeat: int = storages.HEARTBEAT_S,
+               storage_obj: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     """Create or load the study; the default storage is a journal file in the run folder (multi-process safe).
 
     The sampler's seed mixes the run seed, the worker index and the trials already stored, so a resumed run or
     a second worker never replays the random draws of an earlier one, and every run is reproducible (with a
     shared ``--storage``, independent commands also differ by host and process: ``search.storage``).
     """
-    storage_obj = storages.open_storage(storages.check_storage(storage), out, heartbeat)
+    if storage_obj is None:
+        storage_obj = storages.open_storage(storages.check_storage(storage), out, heartbeat)
     pruner = optuna.pruners.PercentilePruner(settings.prune_percentile, n_startup_trials=5, n_warmup_steps=0)
     directions = ["minimize", "maximize"] if settings.multi_objective else ["minimize"]
     study = optuna.create_study(study_name=study_name, storage=storage_obj, pruner=pruner, directions=directions,
@@ -499,8 +501,10 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         try:
+            storage_obj = storages.open_storage(storage, out, heartbeat)  # an unreachable database: before the model
             ws = Workspace(settings, out, device, batch_size, cache_dir)
-            study = open_study(settings, out, storage, study_name, ws.space, heartbeat=heartbeat)
+            study = open_study(settings, out, storage, study_name, ws.space, heartbeat=heartbeat,
+                               storage_obj=storage_obj)
         except Exception:
             if fresh:  # refused: leave no folder behind (or one as empty as it was), for a corrected command
                 lock.release()

@@ -26,6 +26,7 @@ log = logging.getLogger("prunesearch.search")
 
 MAX_CONSECUTIVE_FAILURES = 5
 FAIL_REASON = "fail_reason"
+SKIPPED = "skipped"
 _silenced: set[int] = set()  # trial numbers failed here on purpose: Optuna's own warning about them is dropped
 
 
@@ -54,11 +55,15 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e))
 
 
-def guarded(objective, trial: optuna.Trial, multi: bool):
+def guarded(objective, trial: optuna.Trial, multi: bool, rule: StopRule | None = None):
     """Run ``objective(trial)``; a non-finite fitness, an out-of-memory error or :class:`TrialFailed` fails the
     trial with its reason recorded (returns NaN, which Optuna stores as FAIL) instead of raising. The trial also
     records which worker (host:pid) ran it."""
     trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
+    if rule is not None and rule.surplus(trial):  # another worker took the last slot at the same moment
+        trial.set_user_attr(SKIPPED, "the study reached its trial count before this trial started")
+        _silenced.add(trial.number)
+        return (math.nan, math.nan) if multi else math.nan  # FAIL without a reason: not counted, nothing measured
     try:
         value = objective(trial)
     except TrialFailed as e:
@@ -131,6 +136,15 @@ class StopRule:
             return 10**9
         done, running = self._counts(study)
         return max(0, self.trials - done - running)
+
+    def surplus(self, trial: optuna.Trial) -> bool:
+        """Whether a trial that has just started is beyond ``trials``: the trials numbered before it (counted,
+        running or queued) fill the count already. Trial numbers are handed out by the storage, so of two workers
+        that passed :meth:`reached` together exactly the later one sees it."""
+        if self.trials is None:
+            return False
+        ahead = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number]
+        return counted(ahead) + sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in ahead) >= self.trials
 
     def reached(self, study: optuna.Study) -> bool:
         """Whether to stop now (between trials); may wait for the other workers' last running trials."""
