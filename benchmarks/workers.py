@@ -63,7 +63,7 @@ def worker_argv(model: Path, calib: Path, out: Path, storage: str, study: str, t
                 cache: Path, *extra) -> list[str]:
     return [sys.executable, "-m", "prunesearch", "search", "--model", str(model), "--calib", str(calib),
             "--nsamples", "4", "--seqlen", "32", "--fitness-samples", str(samples), "--low-fidelity-samples",
-            str(max(2, samples // 4)), "--min-sparsity", "0.3", "--max-sparsity", "0.9", "--device", "cpu",
+            str(samples), "--min-sparsity", "0.3", "--max-sparsity", "0.9", "--device", "cpu",
             "--report-ppl=", "--quiet", "--predictor", "off", "--trials", str(trials), "--out", str(out),
             "--storage", storage, "--study", study, "--cache-dir", str(cache), *map(str, extra)]
 
@@ -116,7 +116,7 @@ def scaling(model, calib, work: Path, storage: str, label: str, n: int, trials: 
     row = analyse(load(storage, study), trials, time.time() - t)
     print(f"{label:<10} workers={n}: {row['trials_per_min']:.0f} trials/min, lost {row['lost']}, measured twice "
           f"{row['measured_twice']}, storage overhead {row['storage_overhead_ms']:.1f} ms", flush=True)
-    return {"storage": label, "workers": n, **row}
+    return {"storage": label, "workers": n, "samples": samples, **row}
 
 
 def kill_recovery(model, calib, work: Path, url: str, heartbeat: int, trials: int, samples: int, rep: int) -> dict:
@@ -160,18 +160,20 @@ def markdown(result: dict) -> str:
     p = result["protocol"]
     lines = ["# Independent search workers on one study", "",
              f"{p['machine']}; tiny 4-block LLaMA (tests/conftest.py), {p['trials']} trials per study, "
-             f"{p['samples']} held-out sequences × 32 tokens per full evaluation, `--predictor off`, TPE, one "
+             "`samples` held-out sequences × 32 tokens per trial (low fidelity = all of them, so every trial costs "
+             "the same whether it is pruned or not), `--predictor off`, TPE, one "
              "thread per worker, each worker its own `--out` and one shared `--cache-dir`. Every worker is a "
              "separate `prunesearch search` command started at the same moment. Trials/min counts finished "
              "trials from the first trial's start to the last one's end (and, in brackets, over the whole wall "
              "time including process start-up and cache building). Storage overhead: median of a trial's "
-             "duration in the storage minus the objective's own wall time.", "",
-             "| storage | workers | trials/min | (with start-up) | counted / target | lost | left RUNNING | "
+             "duration in the storage minus the objective's own wall time. "
+             f"Machine load while measuring: {p.get('load', 'n/a')}.", "",
+             "| storage | samples | workers | trials/min | (with start-up) | counted / target | lost | left RUNNING | "
              "measured twice | seeds twice | skipped starts | duplicate reuses | storage overhead ms | "
              "median trial s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["scaling"]:
-        lines.append(f"| {r['storage']} | {r['workers']} | {r['trials_per_min']:.0f} | "
+        lines.append(f"| {r['storage']} | {r['samples']} | {r['workers']} | {r['trials_per_min']:.0f} | "
                      f"{r['trials_per_min_with_startup']:.0f} | {r['counted']} / {r['target']} | {r['lost']} | "
                      f"{r['left_running']} | {r['measured_twice']} | {r['seeds_measured_twice']} | {r['skipped']} | "
                      f"{r['duplicate_reuses']} | {r['storage_overhead_ms']:.1f} | {r['median_trial_s']:.3f} |")
@@ -202,28 +204,35 @@ def main() -> None:
     ap.add_argument("--kill-trials", type=int, default=12)
     ap.add_argument("--kill-samples", type=int, default=128)
     ap.add_argument("--out", default="results/benchmarks")
+    ap.add_argument("--append", action="store_true", help="add these rows to an existing workers.json")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="prunesearch-workers-"))
     os.environ["PRUNESEARCH_CACHE"] = str(work / "cache")
     model, calib = make_model(work)
-    result = {"protocol": {"trials": args.trials, "samples": args.samples, "kill_trials": args.kill_trials,
+    result = {"protocol": {"trials": args.trials, "kill_trials": args.kill_trials,
                            "kill_samples": args.kill_samples,
                            "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})",
                            "optuna": optuna.__version__},
               "scaling": [], "kill": []}
+    if args.append:
+        result = json.loads((Path(args.out) / "workers.json").read_text())
     counts = [int(n) for n in args.workers.split(",")]
+    load_before = os.getloadavg()[0]
     with PostgresServer() as pg:
         for n in counts:
             result["scaling"].append(scaling(model, calib, work, str(work / f"journal-{n}.journal"), "journal", n,
                                              args.trials, args.samples))
             result["scaling"].append(scaling(model, calib, work, pg.url, "postgresql", n, args.trials,
                                              args.samples))
-        for rep, hb in enumerate(int(h) for h in args.heartbeats.split(",")):
-            row = kill_recovery(model, calib, work, pg.url, hb, args.kill_trials, args.kill_samples, rep)
+        for rep, hb in enumerate(int(h) for h in args.heartbeats.split(",") if h):
+            row = kill_recovery(model, calib, work, pg.url, hb, args.kill_trials, args.kill_samples,
+                                len(result["kill"]))
             print(f"kill -9 with heartbeat {hb}s: retry started {row['kill_to_retry_start_s']:.1f}s after the kill",
                   flush=True)
             result["kill"].append(row)
+    result["protocol"]["load"] = (f"load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after "
+                                  f"(other jobs shared the {os.cpu_count()} cores)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "workers.json").write_text(json.dumps(result, indent=2))

@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -231,8 +230,3 @@ def measured_twin(trial: optuna.Trial, key: tuple, max_wait: float = 900.0, poll
         time.sleep(poll)
         fail_stale(trial.study)
 
-
-def allocation_seen(alloc: np.ndarray) -> tuple:
-    from search.samplers import allocation_key
-
-    return allocation_key(alloc)

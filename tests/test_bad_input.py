@@ -41,10 +41,9 @@ def world(tmp_path_factory, tiny_llama_dir, tiny_calib_file):
     home.mkdir()
     (home / ".bashrc").write_text("export X=1")
     run = root / "run"
-    import os
-
-    os.environ["PRUNESEARCH_CACHE"] = str(root / "cache")
-    assert main(search_argv(tiny_llama_dir, tiny_calib_file, run, trials=5)) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRUNESEARCH_CACHE", str(root / "cache"))
+        assert main(search_argv(tiny_llama_dir, tiny_calib_file, run, trials=5)) == 0
     damaged.mkdir()
     for f in run.iterdir():
         if f.is_file():

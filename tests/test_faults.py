@@ -206,3 +206,19 @@ def test_a_live_run_folder_is_refused_and_a_killed_run_resumes(tiny_llama_dir, t
     assert retried and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert counted(after) == len(finished) + 3
     assert json.loads((out / "report.json").read_text())["best"] is not None
+
+
+def test_independent_commands_on_one_shared_journal_reach_the_count_exactly(tiny_llama_dir, tiny_calib_file,
+                                                                           tmp_path):
+    journal = tmp_path / "shared.journal"
+    procs = [cli_process(search_argv(tiny_llama_dir, tiny_calib_file, tmp_path / f"w{i}", "--storage", journal,
+                                     "--cache-dir", tmp_path / "cache-shared", trials=16)) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    trials = optuna.load_study(study_name="prunesearch", storage=storage).trials
+    assert counted(trials) == 16 and not [t for t in trials if t.state == TrialState.RUNNING]
+    assert all("skipped" in t.user_attrs for t in trials if t.state == TrialState.FAIL)
+    seeds = [t.user_attrs["seed"] for t in trials if "seed" in t.user_attrs]
+    assert sorted(seeds) == sorted({"uniform", "owl", "atp-0.05", "atp-0.1", "atp-0.2"})  # enqueued once
