@@ -121,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default="prunesearch", help="study name in the storage")
     p.add_argument("--cache-dir", help="folder for the expensive caches (ranks, level database, dense reference), "
                                        "shared by workers of one study (default: --out/cache)")
-    p.add_argument("--heartbeat", type=int, default=60, help="database storage: seconds between a trial's "
+    p.add_argument("--heartbeat", type=int, default=30, help="database storage: seconds between a trial's "
                                                              "heartbeats; a trial silent for 2x that is failed and "
-                                                             "retried (default: 60)")
+                                                             "retried (default: 30)")
     p.add_argument("--fitness-samples", type=int, default=32, help="held-out sequences per full evaluation")
     p.add_argument("--low-fidelity-samples", type=int, default=8, help="sequences of the first, cheap rung")
     p.add_argument("--report-ppl", default="wikitext2", help="datasets reported (never searched) for the best "

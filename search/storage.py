@@ -28,7 +28,7 @@ from prunesearch.safety import UserError
 RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "postgresql+psycopg", "mysql", "mysql+mysqldb",
                "mysql+pymysql")
 JOURNAL_SUFFIXES = (".journal", ".log", ".jsonl")
-HEARTBEAT_S = 60
+HEARTBEAT_S = 30  # a killed worker's trial is retried about a minute later (grace: twice this)
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 
 

@@ -56,7 +56,7 @@ def test_three_worker_commands_share_one_study_exactly(postgres, tiny_llama_dir,
     trials = 30
     procs = [cli_process(search_argv(tiny_llama_dir, tiny_calib_file, tmp_path / f"worker{i}", "--storage",
                                      postgres.url, "--study", "three", "--cache-dir", tmp_path / "shared-cache",
-                                     trials=trials)) for i in range(3)]
+                                     trials=trials, samples=64)) for i in range(3)]
     for code, err in _finish(procs):
         assert code == 0, err[-3000:]
     study = _study(postgres.url, "three")
@@ -80,7 +80,7 @@ def test_three_worker_commands_share_one_study_exactly(postgres, tiny_llama_dir,
 
 def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_retried(postgres, tiny_llama_dir, tiny_calib_file,
                                                                           tmp_path):
-    trials = 12
+    trials = 16
     argv = [search_argv(tiny_llama_dir, tiny_calib_file, tmp_path / f"worker{i}", "--storage", postgres.url,
                         "--study", "killed", "--heartbeat", 1, "--cache-dir", tmp_path / "shared-cache",
                         trials=trials, samples=128) for i in range(2)]
