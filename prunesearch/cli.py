@@ -223,17 +223,10 @@ def _targets_config(args):
         config = SparsityConfig.load(args.config)
         if args.pattern and args.pattern != config.pattern:
             raise UsageError(f"--pattern {args.pattern} contradicts the config's pattern {config.pattern}")
-    elif args.sparsity is None and not (args.pattern and ":" in args.pattern):
+        return config
+    if args.sparsity is None and not (args.pattern and ":" in args.pattern):
         raise UsageError("give --sparsity P, --config FILE, or an N:M --pattern")
-    else:
-        config = SparsityConfig.uniform(args.sparsity, args.pattern or "unstructured")
-    return config
-
-
-def check_pattern_fits(model: str | None, m: int) -> None:
-    from prunesearch.models import check_pattern_fits as check
-
-    check(model, m)
+    return SparsityConfig.uniform(args.sparsity, args.pattern or "unstructured")
 
 
 def _seqlen(model, args) -> int:
@@ -261,7 +254,7 @@ def cmd_prune(args) -> int:
     from pruners.oneshot import global_sparsity, make_pruner, prune_model
     from pruners.registry import layout
     from prunesearch import data
-    from prunesearch.models import load_model, resolve_device
+    from prunesearch.models import check_pattern_fits, load_model, resolve_device
 
     out = _check_out(args.out, args.overwrite)
     config = _targets_config(args)
@@ -421,7 +414,7 @@ def cmd_ast(args) -> int:
     from pruners.quantize import quantize_model, size_report
     from pruners.registry import layout
     from prunesearch import data
-    from prunesearch.models import load_model, resolve_device
+    from prunesearch.models import check_pattern_fits, load_model, resolve_device
 
     out = Path(args.out)
     if args.resume:
