@@ -61,7 +61,9 @@ class SpaceRecord:
         return cls(**fields)
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        from prunesearch.files import atomic_json
+
+        atomic_json(Path(path), self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: Path) -> SpaceRecord:

@@ -159,7 +159,9 @@ class FitnessPredictor(RegressorMixin, BaseEstimator):
                 "versions": {"xgboost": xgb.__version__, "scikit-learn": sklearn.__version__,
                              "numpy": np.__version__, "optuna": optuna.__version__,
                              "python": platform.python_version()}}
-        (path / "predictor.json").write_text(json.dumps(meta, indent=1))
+        from prunesearch.files import atomic_json
+
+        atomic_json(path / "predictor.json", meta, indent=1)  # written last: a folder without it is incomplete
 
     @classmethod
     def load(cls, path: Path) -> tuple[FitnessPredictor, dict]:

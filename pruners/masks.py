@@ -52,6 +52,16 @@ def pruned_count(n: int, sparsity: float) -> int:
     return math.floor(n * sparsity + 1e-9)
 
 
+def check_pattern_fits_layout(lay, m: int) -> None:
+    """Every prunable projection's row length must be a multiple of ``m`` for an N:M pattern."""
+    from pruners.registry import get_weight
+
+    for name in lay.projection_names():
+        cols = get_weight(lay.projections[lay.block_of(name)][name]).shape[1]
+        if cols % m:
+            raise ValueError(f"pattern N:{m} does not fit: {name} has {cols} input columns, not a multiple of {m}")
+
+
 def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ⌊c·p⌋ lowest-scoring weights of every output row (stable sort, as Wanda)."""
     k = pruned_count(score.shape[1], sparsity)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -13,9 +12,10 @@ from pathlib import Path
 
 
 from prunesearch import __version__
+from prunesearch.safety import UserError
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """Bad input from the user: reported as one line on stderr, exit status 2, nothing written."""
 
 
@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="local worker processes on one study")
     p.add_argument("--storage", help="Optuna storage URL or journal file (default: a journal in --out)")
     p.add_argument("--study", default="prunesearch", help="study name in the storage")
+    p.add_argument("--cache-dir", help="folder for the expensive caches (ranks, level database, dense reference), "
+                                       "shared by workers of one study (default: --out/cache)")
+    p.add_argument("--heartbeat", type=int, default=30, help="database storage: seconds between a trial's "
+                                                             "heartbeats; a trial silent for 2x that is failed and "
+                                                             "retried (default: 30)")
     p.add_argument("--fitness-samples", type=int, help="held-out sequences per full evaluation (default: 32; a "
                                                          "model other than the built-in one on CPU: 16 of 256 tokens)")
     p.add_argument("--low-fidelity-samples", type=int, help="sequences of the first, cheap rung (default: 8; other "
@@ -233,12 +238,10 @@ def _log(msg: str) -> None:
 
 
 def _check_out(out: str, overwrite: bool) -> Path:
-    path = Path(out)
-    if path.exists() and not overwrite:
-        raise UsageError(f"--out {path} already exists; pass --overwrite to replace it")
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {path} exists and is not a folder")
-    return path
+    """A new --out, or with --overwrite a folder prunesearch wrote (``prunesearch.safety.check_out``)."""
+    from prunesearch.safety import check_out
+
+    return check_out(out, overwrite)
 
 
 def _targets_config(args):
@@ -276,7 +279,7 @@ def _perplexities(model, tokenizer, names: list[str], seqlen: int, args) -> dict
 
 
 def cmd_prune(args) -> int:
-    from prunesearch.models import resolve_device
+    from prunesearch.models import check_pattern_fits, resolve_device
     from prunesearch.pruning import PruneJob, run_prune, save_folder
 
     out = _check_out(args.out, args.overwrite)
@@ -288,6 +291,7 @@ def cmd_prune(args) -> int:
     config = _targets_config(args)
     if args.wbits is not None and (args.method != "sparsegpt" or not 2 <= args.wbits <= 8):
         raise UsageError("--wbits takes 2..8 and only works with --method sparsegpt")
+    check_pattern_fits(args.model, config.m)  # before the model loads
     device = resolve_device(args.device)
     job = PruneJob(config, args.method, options, args.model, device, args.dtype, args.calib,
                    args.nsamples, args.seed, args.seqlen, args.batch_size, args.data_dir)
@@ -296,7 +300,7 @@ def cmd_prune(args) -> int:
         model.to(device)
         report["ppl"] = _perplexities(model, tokenizer, args.ppl.split(","), report["protocol"]["seqlen"], args)
         model.to("cpu")
-    save_folder(out, _model_writer(model, tokenizer), "prune_report.json", report)
+    save_folder(out, _model_writer(model, tokenizer), "prune_report.json", report, "prune")
     _print_sparsity(report["layers"])
     print(f"global sparsity {report['global_sparsity']:.4f}; saved to {out}")
     return 0
@@ -367,7 +371,7 @@ def _prune_width(args, out: Path) -> int:
         model.to(device)
         report["ppl"] = _perplexities(model, tokenizer, args.ppl.split(","), seqlen, args)
         model.to("cpu")
-    save_folder(out, _model_writer(model, tokenizer), "prune_report.json", report)
+    save_folder(out, _model_writer(model, tokenizer), "prune_report.json", report, "prune")
     print(f"{'block':>5} {'heads':>9} {'kv':>7} {'channels':>13}")
     for row in result["layers"]:
         dense = row["dense"]
@@ -410,7 +414,9 @@ def cmd_eval(args) -> int:
                                           args.batch_size, device)
     text = json.dumps(results, indent=2)
     if args.json:
-        Path(args.json).write_text(text)
+        from prunesearch.files import atomic_write
+
+        atomic_write(args.json, text)
     print(text)
     return 0
 
@@ -446,9 +452,9 @@ def parse_duration(text: str) -> float:
 def cmd_search(args) -> int:
     from prunesearch.models import resolve_device
     from search.engine import SearchSettings, default_effort, run_search
+    from search.preflight import check_search_args
 
-    if args.trials is not None and args.trials < 1:
-        raise UsageError("--trials must be at least 1")
+    check_search_args(args)  # storage, budget, pattern, out, numbers: before the model loads
     multi = ":" in args.budget
     device = resolve_device(args.device)
     given = {"seqlen": args.seqlen, "nsamples": args.nsamples, "fitness_samples": args.fitness_samples,
@@ -470,8 +476,12 @@ def cmd_search(args) -> int:
     elif args.predictor_init:
         raise UsageError("--predictor-init needs --predictor on")
     summary = run_search(settings, out, args.trials, time_budget, args.workers, args.storage, args.study,
-                         device, args.batch_size, tuple(d for d in args.report_ppl.split(",") if d), args.report_limit or None, not args.quiet,
-                         guide)
+                         device, args.batch_size, tuple(d for d in args.report_ppl.split(",") if d),
+                         args.report_limit or None, not args.quiet, guide, args.cache_dir and Path(args.cache_dir),
+                         args.heartbeat)
+    if summary.get("stopped"):
+        print(f"prunesearch: {summary['stopped']}; the trials so far are kept in {out}", file=sys.stderr)
+        return 1
     _print_summary(summary, out)
     return 130 if summary.get("interrupted") else 0
 
@@ -484,7 +494,7 @@ def cmd_ast(args) -> int:
     from pruners.quantize import quantize_model, size_report
     from pruners.registry import layout
     from prunesearch import data
-    from prunesearch.models import describe_model, load_model, resolve_device
+    from prunesearch.models import check_pattern_fits, describe_model, load_model, resolve_device
 
     out = Path(args.out)
     if args.resume:
@@ -505,6 +515,7 @@ def cmd_ast(args) -> int:
         raise UsageError("ast trains float32 master weights (bf16 autocast on GPU); --dtype must be auto or float32")
     if args.save_every < 0 or args.group_size < 0 or args.nsamples < 1:
         raise UsageError("--save-every and --group-size must be >= 0, --nsamples >= 1")
+    check_pattern_fits(args.model, config.m)  # before the model loads
     settings = ASTSettings(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, min_lr=args.min_lr,
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, a_task=a_task, a_kl=a_kl,
@@ -522,8 +533,13 @@ def cmd_ast(args) -> int:
         trainer.load_checkpoint(out / "checkpoint")
         _log(f"resuming at step {trainer.step} of {settings.steps}")
     elif out.exists():
-        shutil.rmtree(out)
+        from prunesearch.safety import remove_output
+
+        remove_output(out)
     out.mkdir(parents=True, exist_ok=True)
+    from prunesearch.safety import mark_output
+
+    mark_output(out, "ast")
     _log(f"AST on {source}: {len(trainer.layers)} sparse layers, {settings.windows} C4-train-side windows of "
          f"{seqlen} tokens, device {device}")
     t = time.perf_counter()
@@ -550,7 +566,9 @@ def cmd_ast(args) -> int:
         report["ppl"] = _perplexities(model.to(device), tokenizer, args.ppl.split(","), seqlen, args)
     report["history"] = history
     save_ast_model(model.to("cpu"), tokenizer, slorbs, out)
-    (out / "ast_report.json").write_text(json.dumps(report, indent=2))
+    from prunesearch.files import atomic_json
+
+    atomic_json(out / "ast_report.json", report)
     last = history[-1] if history else {}
     print(f"AST done: {trainer.step} steps, last loss {last.get('loss', float('nan')):.4f}; SLoRB parameters "
           f"{slorb_params}; size vs fp32 {report['size']['model_ratio_vs_fp32']:.2f}x; saved to {out}")
@@ -642,11 +660,14 @@ def cmd_predictor_retrain(args) -> int:
     training = {"runs": [str(r) for r in args.runs], "pairs_files": [str(p) for p in args.pairs],
                 "pairs": len(pairs), "hash": data_hash(pairs.X, pairs.y), "models": sorted(set(pairs.model)),
                 "budgets": sorted(set(pairs.budget)), "fitness_kind": pairs.fitness_kind[0]}
-    if out.exists():
-        shutil.rmtree(out)
-    model.save(out, spec, training, metrics)
+    from prunesearch.files import atomic_path
+    from prunesearch.safety import output_folder
+
+    with output_folder(out, "predictor") as tmp:
+        model.save(tmp, spec, training, metrics)
     if args.export_pairs:
-        pairs.to_frame(spec).to_parquet(args.export_pairs, index=False)
+        with atomic_path(args.export_pairs) as tmp:
+            pairs.to_frame(spec).to_parquet(tmp, index=False)
     _print_metrics(rows)
     print(f"trained on {len(pairs)} pairs from {len(args.runs)} run(s) and {len(args.pairs)} pairs file(s); "
           f"saved to {out}")

@@ -322,6 +322,22 @@ def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
             os.remove(tmp)
 
 
+def _load(path: Path, *keys: str) -> dict[str, np.ndarray] | None:
+    """A token-id cache file, or None when absent or unreadable (a truncated file is recomputed, not fatal)."""
+    if not path.is_file():
+        return None
+    try:
+        arrays = load_file(str(path))
+        if all(k in arrays for k in keys):
+            return arrays
+    except Exception:  # noqa: BLE001 - any unreadable cache is rebuilt
+        pass
+    from prunesearch.files import warn
+
+    warn(f"token cache {path} is unreadable; recomputing it")
+    return None
+
+
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> np.ndarray:
     return np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int32)
 
@@ -329,8 +345,9 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> np.ndarray:
 def _stream_ids(tokenizer: PreTrainedTokenizerBase, plan: _Plan) -> np.ndarray:
     """The joined text of a plan tokenized once (cached)."""
     path = _cache_path(tokenizer, plan, "stream")
-    if path.is_file():
-        return load_file(str(path))["ids"]
+    cached = _load(path, "ids")
+    if cached is not None:
+        return cached["ids"]
     ids = _encode(tokenizer, plan.joiner.join(plan.texts()))
     _save(path, {"ids": ids})
     return ids
@@ -346,8 +363,8 @@ class _DocumentIds:
         self.count: int | None = None
         self._texts: Sequence[str] | None = None
         self.dirty = False
-        if self.path.is_file():
-            t = load_file(str(self.path))
+        t = _load(self.path, "count", "index", "offsets", "ids")
+        if t is not None:
             self.count = int(t["count"][0])
             for i, a, b in zip(t["index"].tolist(), t["offsets"][:-1].tolist(), t["offsets"][1:].tolist()):
                 self.ids[i] = t["ids"][a:b]

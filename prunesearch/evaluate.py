@@ -122,12 +122,14 @@ class DenseReference:
     def cached(cls, path: str | Path, model: nn.Module | Callable[[], nn.Module], ids: torch.Tensor,
                batch_size: int = 8) -> DenseReference:
         """The reference saved at ``path``, or computed from ``model`` (a module, or a loader called only when
-        nothing is saved) and saved there; the dense pass is paid once per model and token set."""
-        if Path(path).exists():
-            return cls.load(path)
-        ref = cls.compute(model if isinstance(model, nn.Module) else model(), ids, batch_size)
-        ref.save(path)
-        return ref
+        nothing is saved) and saved there; the dense pass is paid once per model and token set. Written
+        atomically; an unreadable file is recomputed; concurrent processes compute it once."""
+        from prunesearch.files import load_or_build
+
+        def build() -> DenseReference:
+            return cls.compute(model if isinstance(model, nn.Module) else model(), ids, batch_size)
+
+        return load_or_build(Path(path), cls.load, build, lambda ref, tmp: ref.save(tmp), "dense reference")
 
     def kl_terms(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
         """Per-token KL(P_dense ‖ P_model) for the reference rows ``rows`` given the model's logits on them

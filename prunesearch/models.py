@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunesearch import gguf_source
 from prunesearch.data import hub_reachable
+from prunesearch.safety import check_finite
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,18 +76,23 @@ def load_model(model: str | None, device: str = "cpu", dtype: str = "auto", comp
     ``dtype="auto"`` is resolved for ``compute_device`` (default ``device``): pruning keeps the model on CPU
     while blocks visit the GPU, and should still run in the checkpoint's half precision there.
     """
-    from transformers import AutoConfig
 
     source = model_source(model)
-    folder = str(gguf_source.float_copy(source)) if gguf_source.is_gguf(source) else source
-    config = AutoConfig.from_pretrained(folder)
+    folder = weights_folder(source)
+    config = load_config(source)
     config_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(config_dtype, str):
         config_dtype = DTYPES.get(config_dtype)
     torch_dtype = resolve_dtype(dtype, compute_device or device, config_dtype)
     net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    check_finite(net, f"model {source}")  # NaN or inf weights would prune, evaluate and search to NaN
     return net.to(device).eval(), tokenizer, source
+
+
+def weights_folder(source: str) -> str:
+    """The Hugging Face folder (or hub id) that holds a source's weights: a GGUF file's dequantized copy."""
+    return str(gguf_source.float_copy(source)) if gguf_source.is_gguf(source) else source
 
 
 def describe_model(source: str) -> dict:
@@ -95,6 +101,30 @@ def describe_model(source: str) -> dict:
     if gguf_source.is_gguf(source):
         return gguf_source.describe(source)
     return {"format": "hf", "path": source}
+
+
+def load_config(source: str):
+    """The model's config; an unreadable ``config.json`` is one line (a ValueError), not a traceback."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(weights_folder(source))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not Path(source).expanduser().is_dir():
+            raise
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"model folder {source} has an unreadable config.json: {detail[:200]}") from None
+
+
+def check_pattern_fits(model: str | None, m: int) -> None:
+    """Before loading weights: an N:M pattern's M must divide the hidden size (every attention projection's row
+    length), read from the model's config."""
+    if not m or model is None:
+        return
+    config = load_config(model_source(model))
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if isinstance(hidden, int) and hidden % m:
+        raise ValueError(f"pattern N:{m} does not fit {model}: its hidden size {hidden} is not a multiple of {m}")
 
 
 def default_seqlen(model, requested: int | None, builtin: bool = False) -> int:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,18 +66,13 @@ def run_prune(job: PruneJob, log: Callable[[str], None] = lambda msg: None):
     return model, tokenizer, report
 
 
-def save_folder(out: Path, write: Callable[[Path], None], report_name: str, report: dict) -> None:
-    """Write a model folder atomically: ``write(tmp)`` saves the weights, then the report (with its save time)."""
+def save_folder(out: Path, write: Callable[[Path], None], report_name: str, report: dict, kind: str) -> None:
+    """Write a model folder beside ``out`` and swap it in (``prunesearch.safety.output_folder``): ``write(tmp)``
+    saves the weights, then the report (with its save time)."""
+    from prunesearch.safety import output_folder
+
     t = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with output_folder(out, kind) as tmp:
         write(tmp)
         report.setdefault("timings_s", {})["save"] = time.perf_counter() - t
         (tmp / report_name).write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)

@@ -123,7 +123,7 @@ def cmd_realize(args: argparse.Namespace) -> int:
         tokenizer.save_pretrained(folder)
 
     # saved before the evaluation, so that a failing evaluation never loses the pruned model
-    save_folder(out, write, "realize_report.json", realize_report(report, meta, origin, args.format, {}))
+    save_folder(out, write, "realize_report.json", realize_report(report, meta, origin, args.format, {}), "realize")
     model.to(device)
     seqlen = report["protocol"]["seqlen"]
     t = time.perf_counter()

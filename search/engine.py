@@ -32,6 +32,9 @@ import torch
 from optuna.trial import TrialState
 
 from pruners.registry import layout
+from prunesearch.files import atomic_json, atomic_path, load_or_build
+from prunesearch.safety import RunLock, mark_output
+from search import faults, storage as storages
 from search.samplers import allocation_key, make_sampler, param_name
 from search.levels import LevelDatabase, LevelRealizer
 from search.scores import Realizer, ScoreCache
@@ -103,6 +106,11 @@ class SearchSettings:
         if self.multi_objective and self.pruner == "sparsegpt":
             raise ValueError("the SparseGPT level database is built for one budget; a budget range needs wanda, "
                              "magnitude or gblm")
+        from pruners.masks import parse_pattern
+        from search.space import check_budget_syntax
+
+        parse_pattern(self.pattern)
+        check_budget_syntax(self.budget)
 
     def signature(self) -> dict:
         return dataclasses.asdict(self)
@@ -116,7 +124,8 @@ class SearchSettings:
 class Workspace:
     """What one search process needs in memory: model, space, ranks, reference, and the fitness."""
 
-    def __init__(self, settings: SearchSettings, out: Path, device: str = "cpu", batch_size: int = 8):
+    def __init__(self, settings: SearchSettings, out: Path, device: str = "cpu", batch_size: int = 8,
+                 cache_dir: Path | None = None):
         from prunesearch import data
         from prunesearch.evaluate import DenseReference
         from prunesearch.models import default_seqlen, describe_model, load_model
@@ -137,8 +146,13 @@ class Workspace:
         self.space = make_space(self.lay, t_low, low, high, settings.granularity)
         self.space_at(t_high)  # both ends of a range must be feasible inside the bounds
         self.m = parse_pattern(settings.pattern)
-        cache = out / "cache"
+        if self.m:
+            from pruners.masks import check_pattern_fits_layout
+
+            check_pattern_fits_layout(self.lay, self.m)
+        cache = Path(cache_dir) if cache_dir is not None else out / "cache"  # --cache-dir: shared by workers
         cache.mkdir(parents=True, exist_ok=True)
+        self.cache = cache
         self.calib_protocol = data.describe(settings.calib, settings.data_dir)
         self.heldout_protocol = data.describe("c4", settings.data_dir)
 
@@ -148,14 +162,15 @@ class Workspace:
         else:
             key = settings.key("model", "pruner", "pattern", "calib", "nsamples", "seqlen", "seed", "data_dir")
             path = cache / f"scores-{key}.safetensors"
-            if path.exists():
-                self.scores = ScoreCache.load(path)
-            else:
+
+            def build() -> ScoreCache:
                 t = time.perf_counter()
-                self.scores = ScoreCache.build(self.model, self.lay, settings.pruner, self.m,
-                                               self.calibration_ids(), device, batch_size)
-                self.scores.save(path)
+                scores = ScoreCache.build(self.model, self.lay, settings.pruner, self.m, self.calibration_ids(),
+                                          device, batch_size)
                 log.info("ranked all weights in %.1fs", time.perf_counter() - t)
+                return scores
+
+            self.scores = load_or_build(path, ScoreCache.load, build, lambda c, tmp: c.save(tmp), "score cache")
             self.realizer = Realizer(self.lay, self.scores)
 
         self.heldout = data.heldout_ids(self.tokenizer, settings.fitness_samples, self.seqlen, settings.seed,
@@ -177,9 +192,13 @@ class Workspace:
         s = self.settings
         key = s.key("model", "pattern", "calib", "nsamples", "seqlen", "seed", "data_dir", "budget", "granularity",
                     "min_sparsity", "max_sparsity", "level_step")
-        folder = cache / f"levels-{key}"
-        if folder.exists():
-            return LevelDatabase(folder)
+        return load_or_build(cache / f"levels-{key}", LevelDatabase, lambda: self._build_levels(device, batch_size),
+                             lambda db, tmp: db.move(tmp), "SparseGPT level database")
+
+    def _build_levels(self, device: str, batch_size: int) -> LevelDatabase:
+        import tempfile
+
+        s = self.settings
         if self.m:
             grid = [k / self.m for k in range(self.m) if self.space.low - 1e-9 <= k / self.m <= self.space.high + 1e-9]
             unit_levels = [grid] * self.space.dim
@@ -187,6 +206,7 @@ class Workspace:
             unit_levels = [lv.tolist() for lv in self.space.levels(s.level_step)]
         levels = {name: lv for unit, lv in zip(self.space.members, unit_levels) for name in unit}
         t = time.perf_counter()
+        folder = Path(tempfile.mkdtemp(prefix=".levels-building-", dir=self.cache)) / "db"
         db = LevelDatabase.build(self.model, self.lay, levels, self.m, self.calibration_ids(), folder, device,
                                  batch_size)
         log.info("built the SparseGPT level database (%d levels per unit at most) in %.1fs",
@@ -246,7 +266,11 @@ class Workspace:
         return {"fitness_low": low, "fitness": self._value(low_sum + rest_sum, low_count + rest_count)}
 
     def objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        """Fitness of the trial's allocation; with a budget range, (fitness, sparsity)."""
+        """Fitness of the trial's allocation; with a budget range, (fitness, sparsity). A non-finite fitness or
+        an out-of-memory error fails the trial with its reason recorded (``search.faults``)."""
+        return faults.guarded(self._objective, trial, self.multi, getattr(self, "stop_rule", None))
+
+    def _objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
         t = time.perf_counter()
         x = np.array([trial.suggest_float(param_name(u), self.space.low, self.space.high) for u in self.space.units])
         target = self.range_target(trial.suggest_int(LEVEL_PARAM, 0, RANGE_LEVELS)) if self.multi else None
@@ -272,36 +296,30 @@ class Workspace:
 
 
 def _measured_twin(trial: optuna.Trial, alloc: np.ndarray) -> optuna.trial.FrozenTrial | None:
-    """A completed trial of the study with the same effective allocation, if any."""
-    key = allocation_key(alloc)
-    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if "allocation" in t.user_attrs and allocation_key(t.user_attrs["allocation"]) == key:
-            return t
-    return None
+    """A completed trial of the study with the same effective allocation, if any (waiting for one that another
+    worker is measuring now)."""
+    return storages.measured_twin(trial, allocation_key(alloc))
 
 
 def open_study(settings: SearchSettings, out: Path, storage: str | None, study_name: str, space: Space,
-               worker: int = 0) -> optuna.Study:
+               worker: int = 0, heartbeat: int = storages.HEARTBEAT_S,
+               storage_obj: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     """Create or load the study; the default storage is a journal file in the run folder (multi-process safe).
 
     The sampler's seed mixes the run seed, the worker index and the trials already stored, so a resumed run or
-    a second worker never replays the random draws of an earlier one, and every run is reproducible.
+    a second worker never replays the random draws of an earlier one, and every run is reproducible (with a
+    shared ``--storage``, independent commands also differ by host and process: ``search.storage``).
     """
-    if storage is None:
-        backend = optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))
-        storage_obj: optuna.storages.BaseStorage | str = optuna.storages.JournalStorage(backend)
-    elif storage.startswith(("sqlite:", "postgresql", "mysql")):
-        storage_obj = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
-    else:
-        backend = optuna.storages.journal.JournalFileBackend(storage)
-        storage_obj = optuna.storages.JournalStorage(backend)
+    if storage_obj is None:
+        storage_obj = storages.open_storage(storages.check_storage(storage), out, heartbeat)
     pruner = optuna.pruners.PercentilePruner(settings.prune_percentile, n_startup_trials=5, n_warmup_steps=0)
     directions = ["minimize", "maximize"] if settings.multi_objective else ["minimize"]
     study = optuna.create_study(study_name=study_name, storage=storage_obj, pruner=pruner, directions=directions,
                                 load_if_exists=True)
     done = len(study.get_trials(deepcopy=False))
     step = settings.level_step if settings.pruner == "sparsegpt" else 0.02
-    study.sampler = make_sampler(settings.sampler, space, settings.seed + 7919 * worker + 104729 * done, step)
+    seed = storages.sampler_seed(settings.seed, worker, done, shared=storage is not None)
+    study.sampler = make_sampler(settings.sampler, space, seed, step)
     return study
 
 
@@ -321,19 +339,28 @@ def check_run_folder(settings: SearchSettings, out: Path) -> None:
         raise ValueError(f"--out {out} exists and is not a prunesearch run folder")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(mine, indent=2))
+        atomic_json(path, mine)
+    mark_output(out, "search")
 
 
-def enqueue_seeds(study: optuna.Study, ws: Workspace, requeue_running: bool) -> None:
+def enqueue_seeds(study: optuna.Study, ws: Workspace, requeue_running: bool, storage: str | None = None) -> None:
     """Enqueue the heuristic seeds not yet measured (for a budget range, at both ends and the middle, labelled
     ``uniform@0.7`` etc.); with ``requeue_running`` (the run folder's own journal, which no other machine shares)
-    also fail and re-queue the trials a killed run left running."""
+    also fail and re-queue the trials a killed run left running. Done once per study under a study-wide lock,
+    so workers starting together do not each enqueue the seeds; a seed another worker is measuring, or that
+    failed with a recorded reason, is not enqueued again."""
+    with storages.study_lock(study._storage, storage, ws.out, study.study_name):
+        _enqueue_seeds(study, ws, requeue_running)
+
+
+def _enqueue_seeds(study: optuna.Study, ws: Workspace, requeue_running: bool) -> None:
     for t in study.get_trials(deepcopy=False):
         if requeue_running and t.state == TrialState.RUNNING:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items() if k == "seed"})
     present = {t.user_attrs.get("seed") for t in study.get_trials(deepcopy=False)
-               if t.state in (TrialState.COMPLETE, TrialState.WAITING)}
+               if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
+               or (t.state == TrialState.FAIL and faults.FAIL_REASON in t.user_attrs)}
     for level in ((0, RANGE_LEVELS // 2, RANGE_LEVELS) if ws.multi else (None,)):
         target = None if level is None else ws.range_target(level)
         for label, alloc in heuristic_seeds(ws.space_at(target), ws.scores.outlier_ratio).items():
@@ -345,7 +372,8 @@ def enqueue_seeds(study: optuna.Study, ws: Workspace, requeue_running: bool) -> 
 
 
 def _finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    """Trials that count toward ``--trials``: completed, pruned and failed with a reason (``search.faults``)."""
+    return faults.counted(study.get_trials(deepcopy=False))
 
 
 def _optimize(study: optuna.Study, ws: Workspace, trials: int | None, deadline: float | None,
@@ -353,8 +381,10 @@ def _optimize(study: optuna.Study, ws: Workspace, trials: int | None, deadline: 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=trials, initial=_finished(study), desc="trials", disable=not progress, dynamic_ncols=True)
+    rule = faults.stop_rule(ws, trials, deadline)
 
     def stop_when_done(study: optuna.Study, trial) -> None:
+        rule.record(trial)
         done = _finished(study)
         bar.n = done
         if len(study.directions) > 1:
@@ -362,10 +392,10 @@ def _optimize(study: optuna.Study, ws: Workspace, trials: int | None, deadline: 
         elif study.best_trials:
             bar.set_postfix(best=f"{study.best_value:.5f}")
         bar.refresh()
-        if (trials is not None and done >= trials) or (deadline is not None and time.time() >= deadline):
+        if rule.reached(study):
             study.stop()
 
-    if (trials is not None and _finished(study) >= trials) or (deadline is not None and time.time() >= deadline):
+    if rule.reached(study):
         return
     try:
         study.optimize(ws.objective, callbacks=[stop_when_done], gc_after_trial=False,
@@ -375,12 +405,13 @@ def _optimize(study: optuna.Study, ws: Workspace, trials: int | None, deadline: 
 
 
 def _worker(settings: dict, out: str, storage: str | None, study_name: str, trials: int | None,
-            deadline: float | None, device: str, batch_size: int, threads: int, worker: int) -> None:
+            deadline: float | None, device: str, batch_size: int, threads: int, worker: int,
+            cache_dir: str | None = None, heartbeat: int = storages.HEARTBEAT_S) -> None:
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = SearchSettings(**settings)
-    ws = Workspace(s, Path(out), device, batch_size)
-    study = open_study(s, Path(out), storage, study_name, ws.space, worker)
+    ws = Workspace(s, Path(out), device, batch_size, cache_dir)
+    study = open_study(s, Path(out), storage, study_name, ws.space, worker, heartbeat)
     _optimize(study, ws, trials, deadline, progress=False)
 
 
@@ -409,6 +440,7 @@ def trials_frame(study: optuna.Study, ws: Workspace):
     for t in study.get_trials(deepcopy=False):
         row = {"number": t.number, "state": t.state.name, "label": t.user_attrs.get("seed", s.sampler),
                "guide": t.user_attrs.get("guide"), "duplicate_of": t.user_attrs.get("duplicate_of"),
+               "fail_reason": t.user_attrs.get(faults.FAIL_REASON), "worker": t.user_attrs.get("worker"),
                "fitness": t.values[0] if t.values else None,
                "fitness_low": t.user_attrs.get("fitness_low", t.intermediate_values.get(0)),
                "wall_s": t.user_attrs.get("wall_s"), "target_sparsity": _target(ws, t),
@@ -458,12 +490,17 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
                workers: int = 1, storage: str | None = None, study_name: str = "prunesearch",
                device: str = "cpu", batch_size: int = 8, report_ppl: tuple[str, ...] = ("wikitext2",),
                report_limit: int | None = None, progress: bool = True,
-               guide: Callable[..., None] | None = None) -> dict:
+               guide: Callable[..., None] | None = None, cache_dir: Path | None = None,
+               heartbeat: int = storages.HEARTBEAT_S) -> dict:
     """Run (or resume) a search; writes trials.parquet, best_config.json (for a budget range: the Pareto front,
     pareto.csv and pareto/*.json) and report.json into ``out``.
 
     ``guide`` replaces the plain optimize loop of this process (same arguments as ``_optimize``), e.g. the
-    predictor-guided loop of ``search.guided.Guide``; extra workers still run the plain sampler."""
+    predictor-guided loop of ``search.guided.Guide``; extra workers still run the plain sampler.
+
+    Refused settings leave ``out`` as it was (a folder created here is removed); the folder is locked for the
+    run's life, so a second command on a live ``out`` is refused. The summary's ``stopped`` is the one-line
+    cause when a run of failed trials stopped the search."""
     if trials is None and time_budget is None:
         trials = 100
     if workers < 1:
@@ -471,8 +508,15 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
     settings.validate()
     if guide is not None and settings.multi_objective:
         raise ValueError("the accuracy predictor guides single-budget runs; a budget range needs --predictor off")
-    fresh = not (out / "run_config.json").exists()
+    storages.check_storage(storage)
+    created, fresh = not out.exists(), not (out / "run_config.json").exists()
     check_run_folder(settings, out)
+    try:
+        lock = RunLock(out).acquire()
+    except Exception:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     handler = logging.FileHandler(out / "search.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     for name in ("prunesearch", "optuna"):
@@ -481,15 +525,23 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         try:
-            ws = Workspace(settings, out, device, batch_size)
+            storage_obj = storages.open_storage(storage, out, heartbeat)  # an unreachable database: before the model
+            ws = Workspace(settings, out, device, batch_size, cache_dir)
+            study = open_study(settings, out, storage, study_name, ws.space, heartbeat=heartbeat,
+                               storage_obj=storage_obj)
         except Exception:
-            if fresh:  # the settings were refused: leave the folder as empty as it was, for a corrected command
-                for child in out.iterdir():
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if fresh:  # refused: leave no folder behind (or one as empty as it was), for a corrected command
+                lock.release()
+                if created:
+                    shutil.rmtree(out, ignore_errors=True)
+                else:
+                    for child in out.iterdir():
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
             raise
-        study = open_study(settings, out, storage, study_name, ws.space)
-        enqueue_seeds(study, ws, requeue_running=storage is None)
-        deadline = time.time() + time_budget if time_budget else None
+        # the lock is ours, so RUNNING trials in the run folder's own journal were left by a dead run
+        enqueue_seeds(study, ws, requeue_running=storage is None, storage=storage)
+        rule = faults.stop_rule(ws, trials, time.time() + time_budget if time_budget else None)
+        deadline = rule.deadline
         procs = []
         interrupted = False
         if workers > 1:
@@ -498,7 +550,8 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
             ctx = mp.get_context("spawn")
             for worker in range(1, workers):
                 p = ctx.Process(target=_worker, args=(dataclasses.asdict(settings), str(out), storage, study_name,
-                                                      trials, deadline, device, batch_size, threads, worker))
+                                                      trials, deadline, device, batch_size, threads, worker,
+                                                      None if cache_dir is None else str(cache_dir), heartbeat))
                 p.start()
                 procs.append(p)
         try:
@@ -509,11 +562,16 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
                 p.terminate()
         for p in procs:
             p.join()
-        return finish(study, ws, out, report_ppl if not interrupted else (), report_limit, interrupted)
+        summary = finish(study, ws, out, report_ppl if not (interrupted or rule.failure) else (), report_limit,
+                         interrupted)
+        if rule.failure:
+            summary["stopped"] = rule.failure
+        return summary
     finally:
         for name in ("prunesearch", "optuna"):
             logging.getLogger(name).removeHandler(handler)
         handler.close()
+        lock.release()
 
 
 def _config(ws: Workspace, t: optuna.trial.FrozenTrial) -> dict:
@@ -538,7 +596,8 @@ def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str,
     from predictors.features import SpaceRecord
 
     frame = trials_frame(study, ws)
-    frame.to_parquet(out / "trials.parquet", index=False)
+    with atomic_path(out / "trials.parquet") as tmp:
+        frame.to_parquet(tmp, index=False)
     SpaceRecord.from_workspace(ws).save(out / "space.json")
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not complete:
@@ -555,7 +614,7 @@ def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str,
     else:
         best = min(complete, key=lambda t: t.value)
         config = _config(ws, best)
-        (out / "best_config.json").write_text(json.dumps(config, indent=2))
+        atomic_json(out / "best_config.json", config)
         summary["best"] = {"trial": best.number, "label": config["meta"]["label"], "fitness": best.value,
                            "allocation": config["sparsity"]}
         summary["seeds"] = {label: {"trial": t.number, "fitness": t.value} for label, t in seeds.items()}
@@ -566,7 +625,7 @@ def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str,
     if report_ppl:
         summary["report_protocol"] = {"datasets": list(report_ppl), "windows_limit": report_limit,
                                       "seqlen": ws.seqlen, "realized_with": f"{s.pruner} one-shot, sequential"}
-    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    atomic_json(out / "report.json", summary)
     from prunesearch.report import write_default
 
     write_default(out)
@@ -580,18 +639,17 @@ def _front(study: optuna.Study, ws: Workspace, out: Path, seeds: dict, report_pp
     import pandas as pd
 
     front = sorted(study.best_trials, key=lambda t: (t.values[1], t.values[0]))
-    folder = out / "pareto"
-    if folder.exists():
-        shutil.rmtree(folder)  # rewritten from the study, so a resumed run's front replaces the old one
-    folder.mkdir()
     rows = []
-    for t in front:
-        name = f"sparsity-{t.values[1]:.4f}-trial{t.number}.json"
-        (folder / name).write_text(json.dumps(_config(ws, t), indent=2))
-        rows.append({"trial": t.number, "label": t.user_attrs.get("seed", ws.settings.sampler),
-                     "sparsity": t.values[1], "nonzero_params": ws.nonzero_params(_alloc(t)),
-                     "fitness": t.values[0], "config": f"pareto/{name}"})
-    pd.DataFrame(rows).to_csv(out / "pareto.csv", index=False)
+    with atomic_path(out / "pareto") as folder:  # rewritten from the study: a resumed run's front replaces the old
+        folder.mkdir()
+        for t in front:
+            name = f"sparsity-{t.values[1]:.4f}-trial{t.number}.json"
+            (folder / name).write_text(json.dumps(_config(ws, t), indent=2))
+            rows.append({"trial": t.number, "label": t.user_attrs.get("seed", ws.settings.sampler),
+                         "sparsity": t.values[1], "nonzero_params": ws.nonzero_params(_alloc(t)),
+                         "fitness": t.values[0], "config": f"pareto/{name}"})
+    with atomic_path(out / "pareto.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
 
     def point(t: optuna.trial.FrozenTrial) -> dict:
         return {"trial": t.number, "fitness": t.values[0], "sparsity": t.values[1]}
@@ -630,5 +688,6 @@ def _plot_front(study: optuna.Study, front: list, seeds: dict, fitness_kind: str
     ax.set(xlabel="mean sparsity", ylabel=f"{fitness_kind} (search data)", yscale="log")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

@@ -35,6 +35,8 @@ from optuna.trial import TrialState
 from predictors.features import SpaceRecord, check_spec, features, make_spec
 from predictors.metrics import cross_validate, ranking_metrics
 from predictors.model import FitnessPredictor, data_hash
+from prunesearch.files import repair_line_log
+from search.faults import counted, stop_rule
 from search.samplers import make_sampler, param_name
 from search.space import Space
 
@@ -118,12 +120,13 @@ def _pairs(study: optuna.Study, units: tuple[str, ...]) -> tuple[np.ndarray, np.
 
 
 def _finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return counted(study.get_trials(deepcopy=False))
 
 
 def _read_rounds(path: Path) -> list[dict]:
     if not path.exists():
         return []
+    repair_line_log(path, ROUNDS_FILE)  # a partial last line left by a crash is cut before appending
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -155,6 +158,7 @@ class Guide:
         self.bar = tqdm(total=trials, initial=_finished(study), desc="trials", disable=not progress,
                         dynamic_ncols=True)
         self.study, self.ws, self.trials, self.deadline = study, ws, trials, deadline
+        self.rule = stop_rule(ws, trials, deadline)
         try:
             self._measure_queue()
             if init is None:
@@ -225,12 +229,13 @@ class Guide:
             self.bar.close()
 
     def _left(self) -> int:
-        return 10**9 if self.trials is None else max(0, self.trials - _finished(self.study))
+        return self.rule.left(self.study)
 
     def _done(self) -> bool:
-        return self._left() == 0 or (self.deadline is not None and time.time() >= self.deadline)
+        return self.rule.reached(self.study)
 
     def _update_bar(self, study: optuna.Study, trial) -> None:
+        self.rule(study, trial)  # counts failures in a row; stops the study when the rule is met
         self.bar.n = _finished(study)
         try:
             self.bar.set_postfix(best=f"{study.best_value:.5f}")

@@ -87,6 +87,17 @@ class LevelDatabase:
         tmp.rename(folder)
         return cls(folder)
 
+    def move(self, dest: Path) -> None:
+        """Move the database folder to ``dest`` (open files stay valid); a build folder left empty is removed."""
+        import os
+        import shutil
+
+        old = self.folder
+        os.replace(old, dest)
+        self.folder = Path(dest)
+        if old.parent.name.startswith(".levels-building-"):
+            shutil.rmtree(old.parent, ignore_errors=True)
+
     def weight(self, name: str, level: float) -> torch.Tensor:
         """The stored SparseGPT result of projection ``name`` at ``level`` (which must be one of its levels)."""
         near = min(self.levels[name], key=lambda v: abs(v - level))

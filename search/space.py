@@ -7,6 +7,8 @@ sparsity per unit; its budget is the parameter-weighted mean sparsity over all p
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,6 +166,27 @@ def parse_budget(text: str, lay: ModelLayout, total_params: int) -> tuple[str, f
             )
         return kind, count, target
     raise ValueError(f"unknown budget kind {kind!r}; this version supports sparsity=… and params=…")
+
+
+def check_budget_syntax(text: str) -> None:
+    """What can be checked of a budget (or range) before the model is loaded: its form, kind and numbers."""
+    kind, sep, value = text.partition("=")
+    ends = value.split(":")
+    if not sep or len(ends) > 2 or not all(e.strip() for e in ends):
+        raise ValueError(f"budget must look like sparsity=0.7, params=5M or a range sparsity=0.6:0.8, got {text!r}")
+    if kind not in ("sparsity", "params"):
+        raise ValueError(f"unknown budget kind {kind!r}; this version supports sparsity=… and params=…")
+    for end in ends:
+        number = end[:-1] if kind == "params" and end[-1:].upper() in ("K", "M", "B") else end
+        try:
+            v = float(number)
+        except ValueError:
+            raise ValueError(f"budget {text!r}: {end!r} is not a number") from None
+        if not math.isfinite(v) or (kind == "sparsity" and not 0.0 <= v < 1.0) or (kind == "params" and v <= 0):
+            raise ValueError(f"budget {text!r}: {kind} must be " + ("in [0, 1)" if kind == "sparsity" else
+                                                                     "a positive count such as 4.5M"))
+    if len(ends) == 2 and ends[0] == ends[1]:
+        raise ValueError(f"budget range {text!r} has equal ends; give a single budget instead")
 
 
 def parse_budget_range(text: str, lay: ModelLayout, total_params: int) -> tuple[str, str, tuple[float, float]]:

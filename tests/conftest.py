@@ -120,3 +120,41 @@ def interrupt_objective_at(monkeypatch, n: int):
 
     monkeypatch.setattr(Workspace, "objective", flaky)
     return original
+
+
+def search_argv(model_dir, calib_file, out, *extra, trials: int = 6, samples: int = 6) -> list[str]:
+    """``prunesearch search`` arguments for the tiny model (``samples`` held-out sequences per trial: 128 makes a
+    trial last about half a second on one core, long enough to be killed in the middle)."""
+    low = samples if samples > 6 else 2
+    return ["search", "--model", str(model_dir), "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "32",
+            "--fitness-samples", str(samples), "--low-fidelity-samples", str(low), "--min-sparsity", "0.3",
+            "--max-sparsity", "0.9", "--device", "cpu", "--report-ppl=", "--quiet", "--predictor", "off",
+            "--trials", str(trials), "--out", str(out), *map(str, extra)]
+
+
+def cli_process(argv, cwd=None, **kw):
+    """``python -m prunesearch ARGV`` as a separate process of this checkout (stdout/stderr piped)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "prunesearch", *map(str, argv)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def folder_hash(*paths) -> dict:
+    """Every file under ``paths`` (name → sha256 of its bytes), to check that a command wrote or deleted nothing."""
+    import hashlib
+    from pathlib import Path
+
+    digest = {}
+    for root in map(Path, paths):
+        if not root.exists():
+            digest[str(root)] = None
+            continue
+        for p in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            digest[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return digest
