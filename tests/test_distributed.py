@@ -96,7 +96,8 @@ def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_retried(postgr
             except KeyError:  # the study is not created yet
                 mine = []
             if sum(t.state == TrialState.COMPLETE for t in mine) >= 2:
-                running = [t.number for t in mine if t.state == TrialState.RUNNING]
+                # mid-trial: running with its allocation drawn (a trial killed before drawing has nothing to repeat)
+                running = [t.number for t in mine if t.state == TrialState.RUNNING and t.params]
                 number = running[0] if running else None
             if number is None:
                 time.sleep(0.05)
