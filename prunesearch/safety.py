@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,23 +123,15 @@ def remove_output(path: Path) -> None:
 @contextlib.contextmanager
 def output_folder(out: Path, kind: str) -> Iterator[Path]:
     """Write a new output folder at a temporary path beside ``out``; on success it is marked and replaces ``out``
-    (an allowed prunesearch output) in one rename; on failure nothing at ``out`` changes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    (an allowed prunesearch output, checked first) in one rename; on failure nothing at ``out`` changes."""
+    from prunesearch.files import atomic_path
+
+    if out.exists():
+        check_replaceable(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
         yield tmp
         mark_output(tmp, kind)
-        old = None
-        if out.exists():
-            check_replaceable(out)
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -94,6 +94,34 @@ def tiny_calib_file(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def calib_file(tmp_path):
+    """A local calibration text file for the tiny tokenizer, per test."""
+    path = tmp_path / "calib.txt"
+    path.write_text(TINY_TEXT * 3)
+    return path
+
+
+def saved_tiny_model(folder, tokenizer, family: str, layers: int = 2):
+    """A tiny model of ``family`` saved with its tokenizer in ``folder``, as a user's checkpoint folder."""
+    tiny_model(family, layers=layers).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def finished_search(model_dir, calib_file, base, trials: int):
+    """A finished search of ``trials`` trials on the tiny model (60% budget) in ``base/run``, caches in ``base``."""
+    from search.engine import run_search
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PRUNESEARCH_CACHE", str(base / "cache"))
+    try:
+        run_search(search_settings(model_dir, calib_file), base / "run", trials=trials, report_ppl=(), progress=False)
+    finally:
+        mp.undo()
+    return base / "run"
+
+
 def search_settings(model_dir, calib_file, **kw):
     """Small, fast search settings on the tiny model (60% budget, bounds [0.3, 0.9]); ``kw`` overrides."""
     from search.engine import SearchSettings

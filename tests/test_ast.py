@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY_TEXT, tiny_model
+from conftest import tiny_model
 from pruners.ast_export import finalize, load_ast_model, save_ast_model
 from pruners.ast_trainer import ASTSettings, ASTTrainer, lr_at
 from pruners.distill import distill_loss, kd_kl
@@ -244,13 +244,6 @@ def test_quantized_sparse_model_keeps_its_pattern_and_size_is_counted_in_bits(me
     assert size["projection_bits"]["values"] == 4 * kept
     scale_groups = sum(w.shape[0] * (w.shape[1] // 32 if method == "rtn" else 1) for w in before.values())
     assert size["projection_bits"]["scales_zeros"] == scale_groups * 20
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text(TINY_TEXT * 3)
-    return path
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "qwen2", "gpt_neox"])

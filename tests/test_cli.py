@@ -8,24 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY_TEXT, tiny_model
+from conftest import saved_tiny_model, tiny_model
 from prunesearch.cli import main
 from pruners.registry import get_weight, layout
 
 
 @pytest.fixture
 def model_dir(tmp_path, tiny_tokenizer, family):
-    path = tmp_path / f"tiny-{family}"
-    tiny_model(family).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text(TINY_TEXT * 3)
-    return path
+    return saved_tiny_model(tmp_path / f"tiny-{family}", tiny_tokenizer, family)
 
 
 @pytest.mark.parametrize("method,pattern", [("magnitude", "unstructured"), ("wanda", "2:4"),

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 import yaml
-from conftest import search_settings
+from conftest import finished_search, search_settings
 
 from prunesearch import export
 from prunesearch.cli import main
@@ -18,13 +18,7 @@ from search.engine import run_search
 @pytest.fixture(scope="module")
 def finished_run(tiny_llama_dir, tiny_calib_file, tmp_path_factory):
     """A finished 8-trial search on the tiny LLaMA (60% budget)."""
-    base = tmp_path_factory.mktemp("export")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PRUNESEARCH_CACHE", str(base / "cache"))
-    run_search(search_settings(tiny_llama_dir, tiny_calib_file), base / "run", trials=8, report_ppl=(),
-               progress=False)
-    mp.undo()
-    return base / "run"
+    return finished_search(tiny_llama_dir, tiny_calib_file, tmp_path_factory.mktemp("export"), 8)
 
 
 def _prune(config_path, model, tiny_calib_file, out) -> dict:

@@ -8,7 +8,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, TINY_TEXT, tiny_model
+from conftest import saved_tiny_model
 from prunesearch.cli import main
 from pruners.oneshot import sparsity_table
 
@@ -20,16 +20,12 @@ def _cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def model_dir(tmp_path, tiny_tokenizer, family):
-    path = tmp_path / f"tiny-{family}"
-    tiny_model(family, layers=3).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return saved_tiny_model(tmp_path / f"tiny-{family}", tiny_tokenizer, family, layers=3)
 
 
 @pytest.mark.parametrize("pruner", ["magnitude", "wanda", "gblm", "sparsegpt"])
-def test_search_and_realize_on_every_family(family, pruner, model_dir, tmp_path, capsys):
-    calib = tmp_path / "calib.txt"
-    calib.write_text(TINY_TEXT * 3)
+def test_search_and_realize_on_every_family(family, pruner, model_dir, calib_file, tmp_path, capsys):
+    calib = calib_file
     run = tmp_path / "run"
     common = ["--model", str(model_dir), "--calib", str(calib), "--nsamples", "4", "--seqlen", "32",
               "--device", "cpu"]

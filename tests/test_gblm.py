@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pruners.gblm as gblm
-from conftest import TINY_TEXT, tiny_model
+from conftest import tiny_model
 from prunesearch import data
 from prunesearch.cli import main
 from prunesearch.models import load_model
@@ -42,13 +42,6 @@ def passes(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(gblm, "gradient_pass", counted)
     return calls
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text(TINY_TEXT * 3)
-    return path
 
 
 def _ids(n: int = 4, seqlen: int = 24, seed: int = 0) -> torch.Tensor:

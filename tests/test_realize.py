@@ -9,26 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TEXT, search_settings
+from conftest import TINY_TEXT, finished_search
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunesearch import data
 from prunesearch.cli import main
 from prunesearch.evaluate import perplexity
-from search.engine import run_search
 
 FIXTURE_DATA = Path(__file__).parent / "fixtures" / "shared_data"
 
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_llama_dir, tiny_calib_file, tmp_path_factory):
-    base = tmp_path_factory.mktemp("realize")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PRUNESEARCH_CACHE", str(base / "cache"))
-    run_search(search_settings(tiny_llama_dir, tiny_calib_file), base / "run", trials=6, report_ppl=(),
-               progress=False)
-    mp.undo()
-    return base / "run"
+    """A finished 6-trial search on the tiny LLaMA (60% budget)."""
+    return finished_search(tiny_llama_dir, tiny_calib_file, tmp_path_factory.mktemp("realize"), 6)
 
 
 @pytest.fixture(scope="module")

@@ -7,24 +7,14 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY_TEXT, tiny_model
+from conftest import saved_tiny_model, tiny_model
 from pruners.width.geometry import BlockWidth, geometry
 from prunesearch.cli import main
 
 
 @pytest.fixture
 def model_dir(tmp_path, tiny_tokenizer):
-    path = tmp_path / "tiny-opt"
-    tiny_model("opt").save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text(TINY_TEXT * 3)
-    return path
+    return saved_tiny_model(tmp_path / "tiny-opt", tiny_tokenizer, "opt")
 
 
 def _argv(model_dir, calib_file, out, *extra) -> list[str]:
