@@ -160,7 +160,8 @@ def _wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
 
 
 def _running_trial(journal, pid: int):
-    """The number of a trial that process ``pid`` is running, once it has completed at least 3."""
+    """The number of a trial that process ``pid`` is running with its allocation drawn (a trial killed before
+    drawing has nothing to repeat), once it has completed at least 3."""
     if not journal.exists():
         return None
     try:
@@ -170,7 +171,7 @@ def _running_trial(journal, pid: int):
     mine = [t for t in trials if t.user_attrs.get("worker", "").endswith(f":{pid}")]
     if sum(t.state == TrialState.COMPLETE for t in mine) < 3:
         return None
-    running = [t.number for t in mine if t.state == TrialState.RUNNING]
+    running = [t.number for t in mine if t.state == TrialState.RUNNING and t.params]  # its allocation drawn
     return running[0] if running else None
 
 
