@@ -1,24 +1,30 @@
 """Allocation quality: the best allocation found in N trials against uniform, OWL and ATP, on report data.
 
-The search measures KL on held-out C4 tokens; the table reports WikiText-2 *test* perplexity of each allocation
-realized with the real sequential one-shot Wanda pruner, data the search never saw. Also records anytime curves
-(best fitness vs real evaluations and vs wall time) per sampler, and a multi-objective NSGA-II run over a budget
-range (its Pareto front against the seeds at both ends and the middle). Writes
-results/benchmarks/search_*.{json,md,png,csv}.
+The search measures KL to the dense model on held-out C4 tokens; the table reports WikiText-2 *test* perplexity
+and KL of each allocation realized with the real sequential one-shot pruner, on data the search never saw. Also
+records anytime curves (best fitness vs real evaluations and vs wall time) per sampler (``guided`` is TPE under
+the boosted-tree predictor, the search's default), the wall time of each search, and optionally a
+multi-objective NSGA-II run over a budget range. Writes results/benchmarks/search_quality[-NAME].{json,md},
+search_anytime[-NAME].{csv,png} (and search_front.png).
 
-    python benchmarks/search_quality.py [--budgets 0.7,0.8] [--samplers tpe,qmc,evo] [--trials 100] [--front 0.6:0.8]
+    python benchmarks/search_quality.py [--model smollm2-135m] [--budgets 0.6,0.7] [--samplers guided,evo] \
+        [--trials 100] [--report-limit 128] [--front 0.6:0.8] [--data-dir ../shared/data] [--name smollm2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
-from search.engine import SearchSettings, run_search
+from search.engine import SearchSettings, default_effort, run_search
+from search.guided import Guide, GuideConfig
 
 
 def anytime(frame: pd.DataFrame) -> pd.DataFrame:
@@ -30,68 +36,130 @@ def anytime(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"evaluations": range(1, len(frame) + 1), "wall_s": frame.wall_s.cumsum(), "best": best})
 
 
+def search(settings: SearchSettings, run: Path, sampler: str, args) -> tuple[dict, float]:
+    """One search of ``args.trials`` trials (timed: set-up plus trials), then its report (seeds and best realized
+    for real) when ``args.report`` names datasets; returns (summary, search wall seconds)."""
+    guide = Guide(GuideConfig(seed=settings.seed)) if sampler == "guided" else None
+    common = dict(trials=args.trials, device=args.device, progress=False, cache_dir=args.cache_dir)
+    t = time.perf_counter()
+    summary = run_search(settings, run, report_ppl=(), guide=guide, **common)
+    wall = time.perf_counter() - t
+    if args.report:
+        summary = run_search(settings, run, report_ppl=tuple(args.report.split(",")),
+                             report_limit=args.report_limit or None, **common)
+    return summary, wall
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model")
+    ap.add_argument("--model", help="model (default: the built-in one)")
+    ap.add_argument("--pruner", default="wanda", choices=["wanda", "magnitude", "gblm", "sparsegpt"])
     ap.add_argument("--budgets", default="0.7,0.8")
-    ap.add_argument("--samplers", default="tpe,qmc,evo")
+    ap.add_argument("--samplers", default="guided,evo", help="comma list of guided, tpe, qmc, evo; the first one's "
+                                                              "best is realized and reported beside the seeds")
     ap.add_argument("--trials", type=int, default=100)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--level-step", type=float, default=0.025, help="sparsegpt level grid step")
+    ap.add_argument("--granularity", default="block", choices=["block", "projection"])
+    ap.add_argument("--report", default="wikitext2", help="report datasets ('' for none)")
+    ap.add_argument("--report-limit", type=int, default=0, help="windows per report dataset (0: the whole stream)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--data-dir")
+    ap.add_argument("--cache-dir", help="shared cache of ranks / level database / dense reference")
     ap.add_argument("--runs", default="results/bench_runs", help="where the run folders go (not committed)")
     ap.add_argument("--out", default="results/benchmarks")
-    ap.add_argument("--front", default="0.6:0.8", help="sparsity range of the multi-objective run ('' for none)")
+    ap.add_argument("--name", default="", help="suffix of the output files")
+    ap.add_argument("--front", default="", help="sparsity range of a multi-objective run (e.g. 0.6:0.8)")
     args = ap.parse_args()
-    out = Path(args.out)
+    out, suffix = Path(args.out), f"-{args.name}" if args.name else ""
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict = {}
+    effort = default_effort(args.model is None, args.device)
+    samplers = args.samplers.split(",")
+    summary: dict = {"protocol": {"model": args.model or "built-in", "pruner": args.pruner, "trials": args.trials,
+                                  "granularity": args.granularity, "effort": effort, "device": args.device,
+                                  "host": platform.node(), "threads": torch.get_num_threads(),
+                                  "report": args.report, "report_windows": args.report_limit or "all"}}
     curves = []
     for budget in [float(b) for b in args.budgets.split(",")]:
-        for sampler in args.samplers.split(","):
-            settings = SearchSettings(model=args.model, budget=f"sparsity={budget}", sampler=sampler)
-            run = Path(args.runs) / f"s{budget:g}-{sampler}"
-            report = ("wikitext2",) if sampler == args.samplers.split(",")[0] else ()
-            s = run_search(settings, run, trials=args.trials, device=args.device, report_ppl=report, progress=False)
+        for sampler in samplers:
+            settings = SearchSettings(model=args.model, budget=f"sparsity={budget}", pruner=args.pruner,
+                                      sampler="tpe" if sampler == "guided" else sampler, data_dir=args.data_dir,
+                                      granularity=args.granularity, level_step=args.level_step, **effort)
+            run = Path(args.runs) / f"{args.name or 'builtin'}-{args.pruner}-s{budget:g}-{sampler}"
+            report = args.report if sampler == samplers[0] else ""
+            s, wall = search(settings, run, sampler, argparse.Namespace(**{**vars(args), "report": report}))
+            s["search_wall_s"] = wall
             summary[f"{budget:g}/{sampler}"] = s
             curve = anytime(pd.read_parquet(run / "trials.parquet"))
             curve["budget"], curve["sampler"] = budget, sampler
             curves.append(curve)
-            print(f"sparsity {budget:g} {sampler}: best KL {s['best']['fitness']:.5f} "
-                  f"(uniform {s['seeds']['uniform']['fitness']:.5f})", flush=True)
+            seeds = s["seeds"]
+            best_seed = min(seeds, key=lambda k: seeds[k]["fitness"])
+            print(f"sparsity {budget:g} {sampler}: best KL {s['best']['fitness']:.5f} vs best seed {best_seed} "
+                  f"{seeds[best_seed]['fitness']:.5f}; {wall / 60:.1f} min", flush=True)
     curves_df = pd.concat(curves)
-    curves_df.to_csv(out / "search_anytime.csv", index=False)
+    curves_df.to_csv(out / f"search_anytime{suffix}.csv", index=False)
     if args.front:
-        run = Path(args.runs) / f"front-{args.front.replace(':', '-')}"
-        settings = SearchSettings(model=args.model, budget=f"sparsity={args.front}", sampler="nsga2")
+        run = Path(args.runs) / f"{args.name or 'builtin'}-front-{args.front.replace(':', '-')}"
+        settings = SearchSettings(model=args.model, budget=f"sparsity={args.front}", sampler="nsga2",
+                                  data_dir=args.data_dir, **effort)
         summary["front"] = run_search(settings, run, trials=args.trials, device=args.device,
-                                      report_ppl=("wikitext2",), progress=False)
-        shutil.copy(run / "pareto.png", out / "search_front.png")
-    (out / "search_quality.json").write_text(json.dumps(summary, indent=2, default=str))
-    lines = ["# Allocation search vs heuristic allocations", "",
-             f"Default model, Wanda scores, unstructured, block granularity, {args.trials} trials per run. "
-             "Search fitness: KL to the dense model on 32 x 256 held-out C4 tokens (docs 900-999 of the bundled "
-             "sample; the first 8 sequences are the early-stopping rung). Report: WikiText-2 test perplexity (full "
-             "stream, seqlen 256) of each allocation realized with sequential one-shot Wanda (128 x 256 C4 "
-             "calibration tokens, seed 0), and its KL to the dense model on the same windows; the search never saw "
-             "them.", ""]
-    first = args.samplers.split(",")[0]
-    for budget in args.budgets.split(","):
-        s = summary[f"{float(budget):g}/{first}"]
-        lines += [f"## {float(budget):.0%} unstructured ({first})", "",
-                  "| allocation | search KL | WikiText-2 KL to dense | WikiText-2 PPL |", "|---|---|---|---|"]
-        for label, fitness in [("best", s["best"]["fitness"])] + [(k, v["fitness"]) for k, v in s["seeds"].items()]:
-            lines.append(f"| {'searched (best)' if label == 'best' else label} | {fitness:.5f} | "
-                         f"{s['report_kl'][label]['wikitext2']:.5f} | {s['report_ppl'][label]['wikitext2']:.3f} |")
-        lines.append("")
-    lines += ["## Anytime: best KL after N real evaluations", "", "| budget | sampler | 10 | 25 | 50 | 100 |",
-              "|---|---|---|---|---|---|"]
-    for (budget, sampler), g in curves_df.groupby(["budget", "sampler"], sort=False):
-        cells = [f"{g.best.iloc[min(n, len(g)) - 1]:.5f}" for n in (10, 25, 50, 100)]
-        lines.append(f"| {budget:g} | {sampler} | " + " | ".join(cells) + " |")
+                                      report_ppl=tuple(args.report.split(",")), report_limit=args.report_limit or None,
+                                      progress=False, cache_dir=args.cache_dir)
+        shutil.copy(run / "pareto.png", out / f"search_front{suffix}.png")
+    (out / f"search_quality{suffix}.json").write_text(json.dumps(summary, indent=2, default=str))
+    lines = markdown(summary, args, samplers, curves_df, effort)
     if args.front:
         lines += front_section(summary["front"], args.front, args.trials)
-    (out / "search_quality.md").write_text("\n".join(lines) + "\n")
-    plot(curves_df, out / "search_anytime.png")
+    (out / f"search_quality{suffix}.md").write_text("\n".join(lines) + "\n")
+    plot(curves_df, out / f"search_anytime{suffix}.png")
     print("\n".join(lines))
+
+
+def markdown(summary: dict, args, samplers: list[str], curves: pd.DataFrame, effort: dict) -> list[str]:
+    """The tables: per budget, every seed and the searched allocation on search KL and report data; then the
+    anytime table and the search wall times."""
+    first = samplers[0]
+    data = args.report.split(",")[0] if args.report else None
+    windows = f"the first {args.report_limit} windows" if args.report_limit else "the full stream"
+    lines = ["# Allocation search vs heuristic allocations", "",
+             f"Model {args.model or 'built-in'}, {args.pruner} {'level database' if args.pruner == 'sparsegpt' else 'ranks'}, "
+             f"unstructured, {args.granularity} granularity, {args.trials} trials per run, device {args.device}. "
+             f"Search fitness: KL to the dense model on {effort['fitness_samples']} held-out C4 sequences of "
+             f"{effort.get('seqlen', 256)} tokens (docs 900-949 of the bundled sample; the first "
+             f"{effort['low_fidelity_samples']} are the early-stopping rung), calibration {effort['nsamples']} C4 "
+             f"sequences (seed 0). Report: {data} test perplexity and KL to dense on {windows} at the same seqlen, "
+             f"each allocation realized with the sequential one-shot {args.pruner}; the search never saw that data. "
+             f"Seeds: uniform, OWL (M=5, λ=0.08) and ATP's slope grid; `{first}` is the reported search.", ""]
+    for key, s in summary.items():
+        if "/" not in key or not key.endswith("/" + first):
+            continue
+        budget = key.split("/")[0]
+        lines += [f"## {float(budget):.0%} unstructured", ""]
+        if data:
+            ppl, kl = s["report_ppl"], s["report_kl"]
+            heur = min((k for k in s["seeds"]), key=lambda k: ppl[k][data])
+            lines += [f"Searched / best heuristic ({heur}) {data} PPL: "
+                      f"**{ppl['best'][data] / ppl[heur][data]:.3f}×**.", "",
+                      f"| allocation | search KL | {data} KL to dense | {data} PPL |", "|---|---|---|---|"]
+        else:
+            lines += ["| allocation | search KL |", "|---|---|"]
+        for label, fitness in [("best", s["best"]["fitness"])] + [(k, v["fitness"]) for k, v in s["seeds"].items()]:
+            name = f"searched ({first})" if label == "best" else label
+            row = f"| {name} | {fitness:.5f} |"
+            if data:
+                row += f" {kl[label][data]:.5f} | {ppl[label][data]:.3f} |"
+            lines.append(row)
+        lines.append("")
+    lines += ["## Anytime: best search KL after N real evaluations (seeds included), and search wall time", "",
+              "| budget | sampler | 10 | 25 | 50 | 100 | best seed | wall (min) | median trial (s) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for (budget, sampler), g in curves.groupby(["budget", "sampler"], sort=False):
+        s = summary[f"{budget:g}/{sampler}"]
+        cells = [f"{g.best.iloc[min(n, len(g)) - 1]:.5f}" for n in (10, 25, 50, 100)]
+        seed_best = min(v["fitness"] for v in s["seeds"].values())
+        lines.append(f"| {budget:g} | {sampler} | " + " | ".join(cells) +
+                     f" | {seed_best:.5f} | {s['search_wall_s'] / 60:.1f} | {s['median_trial_s']:.1f} |")
+    return lines
 
 
 def front_section(s: dict, budget_range: str, trials: int) -> list[str]:

@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparsegpt only: sparsity step of the level grid on an average-size unit (default: 0.025)")
     p.add_argument("--fitness", default="kl", choices=["kl", "ppl"], help="KL to the dense model (default) or "
                                                                          "perplexity, on held-out C4 tokens")
-    p.add_argument("--min-sparsity", type=float, help="lower bound per unit (default: budget - 0.2)")
-    p.add_argument("--max-sparsity", type=float, help="upper bound per unit (default: budget + 0.2)")
+    p.add_argument("--min-sparsity", type=float, help="lower bound per unit (default: budget - 0.35)")
+    p.add_argument("--max-sparsity", type=float, help="upper bound per unit (default: budget + 0.35, at most 0.99)")
     p.add_argument("--trials", type=int, help="stop after this many measured trials (default: 100)")
     p.add_argument("--time-budget", help="stop after this long: 90s, 30m, 2h")
     p.add_argument("--sampler", choices=["tpe", "qmc", "nsga2", "evo"],

@@ -46,6 +46,9 @@ log = logging.getLogger("prunesearch.search")
 LEVEL_PARAM = "budget_level"  # a multi-objective trial's budget: level k of RANGE_LEVELS steps across the range
 RANGE_LEVELS = 20
 PRUNERS = ("wanda", "magnitude", "gblm", "sparsegpt")
+# Default per-unit bounds: budget ± BOUND_WIDTH, inside [0, 0.99]. The best allocations of a real model span wide:
+# SmolLM2-135M at 70% wants ~0.4 in the first blocks and ~0.9 in the last (a ± 0.2 box cut that optimum off).
+BOUND_WIDTH = 0.35
 
 
 # Measurement effort when the user gives none. A real model on CPU gets short sequences and few of them: on
@@ -141,8 +144,8 @@ class Workspace:
         self.budget_kind, _, self.target_range = parse_budget_range(settings.budget, self.lay, self.total_params)
         self.multi = settings.multi_objective
         t_low, t_high = self.target_range
-        low = settings.min_sparsity if settings.min_sparsity is not None else max(0.0, t_low - 0.2)
-        high = settings.max_sparsity if settings.max_sparsity is not None else min(0.99, t_high + 0.2)
+        low = settings.min_sparsity if settings.min_sparsity is not None else max(0.0, t_low - BOUND_WIDTH)
+        high = settings.max_sparsity if settings.max_sparsity is not None else min(0.99, t_high + BOUND_WIDTH)
         self.space = make_space(self.lay, t_low, low, high, settings.granularity)
         self.space_at(t_high)  # both ends of a range must be feasible inside the bounds
         self.m = parse_pattern(settings.pattern)

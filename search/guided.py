@@ -37,7 +37,7 @@ from predictors.metrics import cross_validate, ranking_metrics
 from predictors.model import FitnessPredictor, data_hash
 from prunesearch.files import repair_line_log
 from search.faults import counted, stop_rule
-from search.samplers import make_sampler, param_name
+from search.samplers import depth_waves, make_sampler, param_name
 from search.space import Space
 
 log = logging.getLogger("prunesearch.search")
@@ -274,12 +274,17 @@ class Guide:
 
     def _local(self, rng: np.random.Generator, best: np.ndarray, low: np.ndarray, high: np.ndarray, n: int
                ) -> np.ndarray:
-        """``n`` on-budget perturbations of the best measured allocations (σ = a tenth of each unit's bounds)."""
+        """``n`` on-budget perturbations of the best measured allocations: half per unit (σ = a tenth of each
+        unit's bounds), half smooth along depth (``depth_waves``, amplitude a tenth of the mean bound width)."""
+        space = self.ws.space
         if n == 0:
-            return np.empty((0, self.ws.space.dim))
+            return np.empty((0, space.dim))
         centres = best[rng.integers(0, len(best), n)]
-        x = np.clip(centres + rng.normal(size=centres.shape) * 0.1 * (high - low), low, high)
-        return self.ws.space.project(x)
+        noise = rng.normal(size=centres.shape) * 0.1 * (high - low)
+        waves = depth_waves(space, rng, n, 0.1 * float(np.mean(high - low)))
+        smooth = np.arange(n) % 2 == 1
+        x = np.clip(centres + np.where(smooth[:, None], waves, noise), low, high)
+        return space.project(x)
 
     def _candidates(self, low: np.ndarray, high: np.ndarray, r: int, screened: np.ndarray, score: np.ndarray
                     ) -> tuple[np.ndarray, list[str]]:

@@ -20,17 +20,36 @@ def allocation_key(alloc) -> tuple[float, ...]:
     return tuple(np.round(np.asarray(alloc, dtype=np.float64), 9).tolist())
 
 
-class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
-    """(1+λ) evolution whose mutations keep the budget: EvoPress's level switch made continuous.
+def depth_waves(space: Space, rng: np.random.Generator, n: int, amplitude: float, harmonics: int = 3
+                ) -> np.ndarray:
+    """``n`` smooth perturbations of an allocation along depth: sums of the first ``harmonics`` cosines over the
+    block index with normal amplitudes (``amplitude`` / k for the k-th), one value per unit (all units of a block
+    move together).
 
-    Each child starts from the best completed allocation and applies 1-3 moves; a move prunes ``step`` × the
-    mean unit size more weights in one unit and as many fewer in another (one level of the equal-nonzero grid,
-    ``Space.level_steps``), so the child meets the budget exactly without projection. A child that was measured
-    already is redrawn (up to 20 times).
+    On a real model the best allocations are smooth in depth (SmolLM2 at 70%: a concave rise from ~0.4 to ~0.9),
+    and per-unit moves reach such a shape only after many steps; one wave tilts or bends the whole profile.
+    """
+    depth = np.asarray(space.blocks, dtype=np.float64) / max(max(space.blocks), 1)
+    k = np.arange(1, harmonics + 1)
+    basis = np.cos(np.pi * k[:, None] * depth[None, :])  # harmonics x units
+    coef = rng.normal(size=(n, harmonics)) * amplitude / k
+    return coef @ basis
+
+
+class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
+    """(1+λ) evolution whose mutations keep the budget: EvoPress's level switch made continuous, plus smooth moves.
+
+    Each child starts from the best completed allocation. With probability ``wave`` it is bent by one depth wave
+    (``depth_waves``, amplitude ``wave_amplitude``) and projected back onto the budget; otherwise it gets 1-3
+    level switches: a switch prunes ``step`` × the mean unit size more weights in one unit and as many fewer in
+    another (one level of the equal-nonzero grid, ``Space.level_steps``), so the child meets the budget exactly
+    without projection. A child that was measured already is redrawn (up to 20 times).
     """
 
-    def __init__(self, space: Space, step: float = 0.02, max_moves: int = 3, seed: int | None = None):
+    def __init__(self, space: Space, step: float = 0.02, max_moves: int = 3, seed: int | None = None,
+                 wave: float = 0.5, wave_amplitude: float = 0.05):
         self.space, self.step, self.max_moves = space, step, max_moves
+        self.wave, self.wave_amplitude = wave, wave_amplitude
         self.rng = np.random.default_rng(seed)
         self.fallback = optuna.samplers.RandomSampler(seed=seed)
 
@@ -56,7 +75,9 @@ class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
         return {param_name(u): float(v) for u, v in zip(self.space.units, child)}
 
     def _mutate(self, parent: np.ndarray) -> np.ndarray:
-        """1 to ``max_moves`` level switches between random pairs of units, each inside the bounds."""
+        """One depth wave, or 1 to ``max_moves`` level switches between random pairs of units inside the bounds."""
+        if self.rng.random() < self.wave:
+            return self.space.project(parent + depth_waves(self.space, self.rng, 1, self.wave_amplitude)[0])
         child = parent.copy()
         sizes, lo, hi = self.space.sizes, self.space.low, self.space.high
         for _ in range(self.rng.integers(1, self.max_moves + 1)):

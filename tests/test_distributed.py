@@ -18,7 +18,7 @@ from pgserver import PostgresServer, find_bin
 from search.faults import counted
 from search.samplers import allocation_key
 
-SEEDS = {"uniform", "owl", "atp-0.05", "atp-0.1", "atp-0.2"}
+SEEDS = {"uniform", "owl", "atp-0.1", "atp-0.2", "atp-0.3", "atp-0.4", "atp-0.5"}
 
 
 @pytest.fixture(scope="module")

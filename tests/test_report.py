@@ -23,7 +23,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="module")
 def runs(tiny_llama_dir, tiny_calib_file, tmp_path_factory):
-    """A predictor-guided 14-trial run (two rounds) and a 16-trial budget-range run (past its 15 seeds), tiny
+    """A predictor-guided 14-trial run (two rounds) and a 24-trial budget-range run (past its 21 seeds), tiny
     LLaMA."""
     base = tmp_path_factory.mktemp("report")
     mp = pytest.MonkeyPatch()
@@ -31,7 +31,7 @@ def runs(tiny_llama_dir, tiny_calib_file, tmp_path_factory):
     run_search(search_settings(tiny_llama_dir, tiny_calib_file), base / "guided", trials=14, report_ppl=(),
                progress=False, guide=Guide(GuideConfig(**FAST)))
     run_search(search_settings(tiny_llama_dir, tiny_calib_file, budget="sparsity=0.5:0.7", sampler="nsga2"),
-               base / "range", trials=16, report_ppl=(), progress=False)
+               base / "range", trials=24, report_ppl=(), progress=False)
     mp.undo()
     return base / "guided", base / "range"
 

@@ -78,7 +78,7 @@ def test_seeds_are_labelled_on_budget_and_shaped_as_the_heuristics_say():
     space = make_space(lay, 0.7, 0.5, 0.9)
     ratios = [1.0, 5.0, 2.0, 2.0, 3.0, 1.0]
     seeds = heuristic_seeds(space, ratios)
-    assert set(seeds) == {"uniform", "owl", "atp-0.05", "atp-0.1", "atp-0.2"}
+    assert set(seeds) == {"uniform", "owl", "atp-0.1", "atp-0.2", "atp-0.3", "atp-0.4", "atp-0.5"}
     for alloc in seeds.values():
         assert space.mean(alloc) == pytest.approx(0.7, abs=1e-9)
     np.testing.assert_allclose(uniform(space), 0.7)
