@@ -14,6 +14,8 @@ from scipy import stats
 from sklearn.base import clone
 from sklearn.model_selection import KFold
 
+from prunesearch.safety import UserError
+
 
 def top_precision(y_true: np.ndarray, y_pred: np.ndarray, fraction: float = 0.1) -> float:
     """Share of the predicted best ``fraction`` (lowest fitness) that are truly among the best ``fraction``."""
@@ -30,7 +32,7 @@ def ranking_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     if len(y_true) != len(y_pred):
         raise ValueError(f"{len(y_true)} measured values but {len(y_pred)} predictions")
     if len(y_true) < 3:
-        raise ValueError(f"need at least 3 held-out pairs for rank metrics, got {len(y_true)}")
+        raise UserError(f"need at least 3 held-out pairs for rank metrics, got {len(y_true)}")
     return {"n": int(len(y_true)), "kendall_tau": float(stats.kendalltau(y_true, y_pred).statistic),
             "spearman": float(stats.spearmanr(y_true, y_pred).statistic),
             "rmse": float(np.sqrt(np.mean((y_true - y_pred) ** 2))),

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prunesearch.safety import UserError
+
 
 @dataclass(frozen=True)
 class Target:
@@ -40,9 +42,9 @@ def parse_pattern(text: str) -> int:
     try:
         n, m = (int(x) for x in text.split(":"))
     except ValueError:
-        raise ValueError(f"pattern must be 'unstructured' or 'N:M' such as 2:4, got {text!r}") from None
+        raise UserError(f"pattern must be 'unstructured' or 'N:M' such as 2:4, got {text!r}") from None
     if not 0 < n < m:
-        raise ValueError(f"N:M pattern needs 0 < N < M, got {text!r}")
+        raise UserError(f"N:M pattern needs 0 < N < M, got {text!r}")
     return m
 
 
@@ -59,7 +61,7 @@ def check_pattern_fits_layout(lay, m: int) -> None:
     for name in lay.projection_names():
         cols = get_weight(lay.projections[lay.block_of(name)][name]).shape[1]
         if cols % m:
-            raise ValueError(f"pattern N:{m} does not fit: {name} has {cols} input columns, not a multiple of {m}")
+            raise UserError(f"pattern N:{m} does not fit: {name} has {cols} input columns, not a multiple of {m}")
 
 
 def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -321,7 +321,7 @@ def _width_allocator(args):
     if args.config:
         try:
             section = json.loads(Path(args.config).read_text()).get("width")
-        except (OSError, json.JSONDecodeError, AttributeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
             raise UsageError(f"--config {args.config}: cannot read a JSON object ({e})") from None
         if not isinstance(section, dict) or not section:
             raise UsageError(f"--config {args.config} has no width section (schema in the README)")
