@@ -43,8 +43,9 @@ def cross_validate(estimator, X: np.ndarray, y: np.ndarray, k: int = 5, seed: in
                    ) -> tuple[dict[str, float], np.ndarray]:
     """K-fold (shuffled) out-of-fold predictions of clones of ``estimator``; returns (metrics, predictions)."""
     X, y = np.asarray(X), np.asarray(y, dtype=np.float64)
-    if len(y) < max(k, 3):
-        raise ValueError(f"need at least {max(k, 3)} pairs for {k}-fold validation, got {len(y)}")
+    need = max(k, 3 if k > 2 else 4)  # every training fold must hold at least 2 pairs
+    if len(y) < need:
+        raise UserError(f"need at least {need} pairs for {k}-fold validation, got {len(y)}")
     pred = np.empty(len(y))
     for train, test in KFold(k, shuffle=True, random_state=seed).split(X):
         pred[test] = clone(estimator).fit(X[train], y[train]).predict(X[test])

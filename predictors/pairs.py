@@ -77,9 +77,12 @@ def file_pairs(path: Path, spec: dict) -> Pairs:
                         f"holds the feature columns of spec v{spec['version']} ({spec['depth_bins']} depth bins) "
                         "plus fitness, model, budget, fitness_kind (see `predictor retrain --export-pairs`)")
     if frame.empty:
-        raise ValueError(f"{path} holds no pairs")
+        raise UserError(f"{path} holds no pairs")
+    fitness = pd.to_numeric(frame.fitness, errors="coerce").to_numpy(np.float64)
+    if not (np.isfinite(fitness) & (fitness > 0)).all():
+        raise UserError(f"{path}: every fitness must be a finite positive number (a measured KL or perplexity)")
     n = len(frame)
-    return Pairs(frame[spec["names"]].to_numpy(np.float64), frame.fitness.to_numpy(np.float64), [str(path)] * n,
+    return Pairs(frame[spec["names"]].to_numpy(np.float64), fitness, [str(path)] * n,
                  frame.model.astype(str).tolist(), frame.budget.astype(str).tolist(),
                  frame.fitness_kind.astype(str).tolist())
 

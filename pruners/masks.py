@@ -21,10 +21,9 @@ class Target:
     m: int = 0
 
     def __post_init__(self):
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if self.m and abs(self.sparsity * self.m - round(self.sparsity * self.m)) > 1e-6:
-            raise ValueError(f"sparsity {self.sparsity} is not a multiple of 1/{self.m} as the :{self.m} pattern needs")
+        problem = sparsity_problem(self.sparsity, self.m)
+        if problem:  # a user's values are refused (a UserError) where they are read, in SparsityConfig
+            raise ValueError(problem)
 
     @property
     def n(self) -> int:
@@ -33,6 +32,15 @@ class Target:
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.m else f"{self.sparsity:g}"
+
+
+def sparsity_problem(sparsity: float, m: int = 0) -> str | None:
+    """Why ``sparsity`` cannot be a target under a ``:m`` pattern (0: unstructured), or None if it can."""
+    if not 0.0 <= sparsity < 1.0:
+        return f"sparsity must be in [0, 1), got {sparsity}"
+    if m and abs(sparsity * m - round(sparsity * m)) > 1e-6:
+        return f"sparsity {sparsity} is not a multiple of 1/{m} as the :{m} pattern needs"
+    return None
 
 
 def parse_pattern(text: str) -> int:

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pruners.masks import Target, parse_pattern
+from pruners.masks import Target, check_pattern_fits_layout, parse_pattern, sparsity_problem
 from pruners.registry import ModelLayout
 from prunesearch.safety import UserError, first_line
 
@@ -37,8 +37,10 @@ class SparsityConfig:
             if value is None:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"sparsity for {key!r} must be a number, got {value!r}")
-            Target(float(value), self.m)  # validates the range and the N:M grid
+                raise UserError(f"sparsity for {key!r} must be a number, got {value!r}")
+            problem = sparsity_problem(float(value), self.m)
+            if problem:
+                raise UserError(problem)
 
     @classmethod
     def uniform(cls, sparsity: float | None = None, pattern: str = "unstructured") -> SparsityConfig:
@@ -94,7 +96,10 @@ class SparsityConfig:
         return out
 
     def resolve(self, lay: ModelLayout) -> dict[str, Target]:
-        """The target of every projection of the model; unknown keys raise naming what the model has."""
+        """The target of every projection of the model; unknown keys, or an N:M pattern that does not fit every
+        projection, raise naming what the model has."""
+        if self.m:
+            check_pattern_fits_layout(lay, self.m)
         names = lay.projection_names()
         known = set(names)
         targets: dict[str, float | None] = {name: self.default for name in names}

@@ -643,6 +643,8 @@ def cmd_predictor_retrain(args) -> int:
     out = _check_out(args.out, args.overwrite)
     if args.folds < 2:
         raise UsageError("--folds must be at least 2")
+    if args.members < 1:
+        raise UsageError("--members must be at least 1")
     spec = make_spec(args.depth_bins)
     pairs = combine([run_pairs(Path(r), spec) for r in args.runs] + [file_pairs(Path(p), spec) for p in args.pairs],
                     args.allow_mixed)
