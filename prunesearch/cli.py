@@ -727,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model = f"{args.model}/{args.gguf_file}"
         _set_threads(getattr(args, "threads", None))
         return args.func(args)
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except UserError as e:  # bad input or a refused action; any other exception is a bug and keeps its traceback
         if os.environ.get("PRUNESEARCH_DEBUG"):
             raise
         print(f"prunesearch: error: {e}", file=sys.stderr)
