@@ -8,11 +8,13 @@ are the same columns because every per-block profile is resampled to ``depth_bin
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from prunesearch.files import atomic_json, read_json
+from prunesearch.safety import UserError
 
 SPEC_VERSION = 1
 
@@ -61,19 +63,17 @@ class SpaceRecord:
         return cls(**fields)
 
     def save(self, path: Path) -> None:
-        from prunesearch.files import atomic_json
-
         atomic_json(Path(path), self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: Path) -> SpaceRecord:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path, "search space record"))
 
 
 def make_spec(depth_bins: int = 8) -> dict:
     """The feature spec: its version, the number of depth bins and the resulting column names."""
     if depth_bins < 2:
-        raise ValueError(f"depth_bins must be at least 2, got {depth_bins}")
+        raise UserError(f"depth_bins must be at least 2, got {depth_bins}")
     bins = range(depth_bins)
     names = ([f"depth[{b}]" for b in bins] + [f"attn_minus_mlp[{b}]" for b in bins]
              + [f"outliers[{b}]" for b in bins]
@@ -86,9 +86,9 @@ def check_spec(spec: dict, expected: dict) -> None:
     """Refuse features built under one spec for a predictor trained under another."""
     if spec != expected:
         diff = sorted(k for k in set(spec) | set(expected) if spec.get(k) != expected.get(k))
-        raise ValueError(f"feature spec mismatch (differs in {', '.join(diff)}): the predictor was trained on "
-                         f"features {expected.get('version')}/{expected.get('depth_bins')} bins, these are "
-                         f"{spec.get('version')}/{spec.get('depth_bins')} bins")
+        raise UserError(f"feature spec mismatch (differs in {', '.join(diff)}): the predictor was trained on "
+                        f"features {expected.get('version')}/{expected.get('depth_bins')} bins, these are "
+                        f"{spec.get('version')}/{spec.get('depth_bins')} bins")
 
 
 def depth_weights(num_blocks: int, depth_bins: int) -> np.ndarray:

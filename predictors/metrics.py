@@ -14,6 +14,8 @@ from scipy import stats
 from sklearn.base import clone
 from sklearn.model_selection import KFold
 
+from prunesearch.safety import UserError
+
 
 def top_precision(y_true: np.ndarray, y_pred: np.ndarray, fraction: float = 0.1) -> float:
     """Share of the predicted best ``fraction`` (lowest fitness) that are truly among the best ``fraction``."""
@@ -30,7 +32,7 @@ def ranking_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     if len(y_true) != len(y_pred):
         raise ValueError(f"{len(y_true)} measured values but {len(y_pred)} predictions")
     if len(y_true) < 3:
-        raise ValueError(f"need at least 3 held-out pairs for rank metrics, got {len(y_true)}")
+        raise UserError(f"need at least 3 held-out pairs for rank metrics, got {len(y_true)}")
     return {"n": int(len(y_true)), "kendall_tau": float(stats.kendalltau(y_true, y_pred).statistic),
             "spearman": float(stats.spearmanr(y_true, y_pred).statistic),
             "rmse": float(np.sqrt(np.mean((y_true - y_pred) ** 2))),
@@ -41,8 +43,9 @@ def cross_validate(estimator, X: np.ndarray, y: np.ndarray, k: int = 5, seed: in
                    ) -> tuple[dict[str, float], np.ndarray]:
     """K-fold (shuffled) out-of-fold predictions of clones of ``estimator``; returns (metrics, predictions)."""
     X, y = np.asarray(X), np.asarray(y, dtype=np.float64)
-    if len(y) < max(k, 3):
-        raise ValueError(f"need at least {max(k, 3)} pairs for {k}-fold validation, got {len(y)}")
+    need = max(k, 3 if k > 2 else 4)  # every training fold must hold at least 2 pairs
+    if len(y) < need:
+        raise UserError(f"need at least {need} pairs for {k}-fold validation, got {len(y)}")
     pred = np.empty(len(y))
     for train, test in KFold(k, shuffle=True, random_state=seed).split(X):
         pred[test] = clone(estimator).fit(X[train], y[train]).predict(X[test])

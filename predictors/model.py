@@ -10,13 +10,15 @@ JSON file per member plus ``predictor.json`` (params, feature spec, training has
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 from pathlib import Path
 
 import numpy as np
 import xgboost as xgb
 from sklearn.base import BaseEstimator, RegressorMixin
+
+from prunesearch.files import atomic_json, read_json
+from prunesearch.safety import UserError, first_line
 
 FORMAT = "prunesearch-predictor/1"
 TARGETS = ("log", "rank")
@@ -77,11 +79,11 @@ class FitnessPredictor(RegressorMixin, BaseEstimator):
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> FitnessPredictor:
         if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+            raise UserError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+            raise UserError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.n_members < 1:
-            raise ValueError("n_members must be at least 1")
+            raise UserError("n_members must be at least 1")
         X = self._check(X, y)
         y = np.asarray(y, dtype=np.float64)
         self.n_features_in_ = X.shape[1]
@@ -159,8 +161,6 @@ class FitnessPredictor(RegressorMixin, BaseEstimator):
                 "versions": {"xgboost": xgb.__version__, "scikit-learn": sklearn.__version__,
                              "numpy": np.__version__, "optuna": optuna.__version__,
                              "python": platform.python_version()}}
-        from prunesearch.files import atomic_json
-
         atomic_json(path / "predictor.json", meta, indent=1)  # written last: a folder without it is incomplete
 
     @classmethod
@@ -169,10 +169,10 @@ class FitnessPredictor(RegressorMixin, BaseEstimator):
         path = Path(path)
         meta_path = path / "predictor.json"
         if not meta_path.exists():
-            raise FileNotFoundError(f"{path} is not a predictor folder (no predictor.json)")
-        meta = json.loads(meta_path.read_text())
+            raise UserError(f"{path} is not a predictor folder (no predictor.json)")
+        meta = read_json(meta_path, "predictor record")
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r} (expected {FORMAT})")
+            raise UserError(f"{meta_path}: unknown format {meta.get('format')!r} (expected {FORMAT})")
         model = cls(**meta["params"])
         model.n_features_in_ = meta["n_features_in"]
         model.y_sorted_ = meta["y_sorted"]
@@ -180,6 +180,10 @@ class FitnessPredictor(RegressorMixin, BaseEstimator):
         model.boosters_ = []
         for i in range(model.n_members):
             b = xgb.Booster()
-            b.load_model(str(path / f"member-{i}.json"))
+            try:
+                b.load_model(str(path / f"member-{i}.json"))
+            except xgb.core.XGBoostError as e:
+                raise UserError(f"{path / f'member-{i}.json'} is not a readable predictor member "
+                                f"({first_line(e)})") from e
             model.boosters_.append(b)
         return model, meta

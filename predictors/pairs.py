@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from predictors.features import SpaceRecord, features
+from prunesearch.files import read_parquet
+from prunesearch.safety import UserError
 
 META = ("fitness", "model", "budget", "fitness_kind")
 
@@ -46,21 +48,21 @@ def run_pairs(run: Path, spec: dict) -> Pairs:
     run = Path(run)
     trials, space = run / "trials.parquet", run / "space.json"
     if not trials.exists():
-        raise FileNotFoundError(f"{run} has no trials.parquet: not a finished prunesearch search run")
+        raise UserError(f"{run} has no trials.parquet: not a finished prunesearch search run")
     if not space.exists():
-        raise FileNotFoundError(f"{run} has no space.json (runs of older versions): re-run its search command "
-                                "once, which resumes without new trials and writes it")
+        raise UserError(f"{run} has no space.json (runs of older versions): re-run its search command once, "
+                        "which resumes without new trials and writes it")
     rec = SpaceRecord.load(space)
-    frame = pd.read_parquet(trials)
+    frame = read_parquet(trials, "trials table")
     cols = [f"s[{u}]" for u in rec.units]
     missing = [c for c in cols if c not in frame.columns]
     if missing:
-        raise ValueError(f"{trials} lacks the allocation columns {missing[:3]} of its space.json")
+        raise UserError(f"{trials} lacks the allocation columns {missing[:3]} of its space.json")
     done = frame[(frame.state == "COMPLETE") & frame.fitness.notna()]
     if "duplicate_of" in done.columns:  # re-uses of an earlier measurement are not new pairs
         done = done[done.duplicate_of.isna()]
     if done.empty:
-        raise ValueError(f"{run} has no completed trials to learn from")
+        raise UserError(f"{run} has no completed trials to learn from")
     n = len(done)
     return Pairs(features(done[cols].to_numpy(dtype=np.float64), rec, spec), done.fitness.to_numpy(np.float64),
                  [str(run)] * n, [rec.model] * n, [rec.budget] * n, [rec.fitness_kind] * n)
@@ -68,16 +70,19 @@ def run_pairs(run: Path, spec: dict) -> Pairs:
 
 def file_pairs(path: Path, spec: dict) -> Pairs:
     """Pairs from a features parquet (see ``export_pairs``)."""
-    frame = pd.read_parquet(path)
+    frame = read_parquet(path, "pairs file")
     missing = [c for c in list(spec["names"]) + list(META) if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing[:4]}{'…' if len(missing) > 4 else ''}; a pairs file "
-                         f"holds the feature columns of spec v{spec['version']} ({spec['depth_bins']} depth bins) "
-                         "plus fitness, model, budget, fitness_kind (see `predictor retrain --export-pairs`)")
+        raise UserError(f"{path}: missing columns {missing[:4]}{'…' if len(missing) > 4 else ''}; a pairs file "
+                        f"holds the feature columns of spec v{spec['version']} ({spec['depth_bins']} depth bins) "
+                        "plus fitness, model, budget, fitness_kind (see `predictor retrain --export-pairs`)")
     if frame.empty:
-        raise ValueError(f"{path} holds no pairs")
+        raise UserError(f"{path} holds no pairs")
+    fitness = pd.to_numeric(frame.fitness, errors="coerce").to_numpy(np.float64)
+    if not (np.isfinite(fitness) & (fitness > 0)).all():
+        raise UserError(f"{path}: every fitness must be a finite positive number (a measured KL or perplexity)")
     n = len(frame)
-    return Pairs(frame[spec["names"]].to_numpy(np.float64), frame.fitness.to_numpy(np.float64), [str(path)] * n,
+    return Pairs(frame[spec["names"]].to_numpy(np.float64), fitness, [str(path)] * n,
                  frame.model.astype(str).tolist(), frame.budget.astype(str).tolist(),
                  frame.fitness_kind.astype(str).tolist())
 
@@ -85,13 +90,13 @@ def file_pairs(path: Path, spec: dict) -> Pairs:
 def combine(parts: list[Pairs], allow_mixed: bool = False) -> Pairs:
     """Concatenate pair sets, refusing mixed models or budget kinds (unless allowed) and mixed fitness kinds."""
     if not parts:
-        raise ValueError("no pairs given: pass at least one --from RUN or --pairs FILE")
+        raise UserError("no pairs given: pass at least one --from RUN or --pairs FILE")
     out = Pairs(np.concatenate([p.X for p in parts]), np.concatenate([p.y for p in parts]),
                 sum((p.source for p in parts), []), sum((p.model for p in parts), []),
                 sum((p.budget for p in parts), []), sum((p.fitness_kind for p in parts), []))
     kinds = sorted(set(out.fitness_kind))
     if len(kinds) > 1:
-        raise ValueError(f"pairs measure different fitness kinds {kinds}; their values are not comparable")
+        raise UserError(f"pairs measure different fitness kinds {kinds}; their values are not comparable")
     check_compatible(out, allow_mixed)
     return out
 
@@ -104,8 +109,8 @@ def check_compatible(p: Pairs, allow_mixed: bool, against: dict | None = None) -
     if allow_mixed:
         return
     if len(models) > 1:
-        raise ValueError(f"pairs come from different models ({', '.join(sorted(models))}); pass --allow-mixed "
-                         "to pool them anyway")
+        raise UserError(f"pairs come from different models ({', '.join(sorted(models))}); pass --allow-mixed "
+                        "to pool them anyway")
     if len(budget_kinds) > 1:
-        raise ValueError(f"pairs come from different budget kinds ({', '.join(sorted(budget_kinds))}); pass "
-                         "--allow-mixed to pool them anyway")
+        raise UserError(f"pairs come from different budget kinds ({', '.join(sorted(budget_kinds))}); pass "
+                        "--allow-mixed to pool them anyway")

@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pruners.slorb import SLoRB, attach
 from pruners.sparse_linear import SparseLinear, unsparsify
+from prunesearch.files import read_json
+from prunesearch.safety import UserError
 
 SLORB_FORMAT = "prunesearch-slorb-v1"
 SLORB_TENSORS = "slorb.safetensors"
@@ -62,14 +64,14 @@ def load_ast_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | N
     """Load an exported AST folder as (model, tokenizer): ``from_pretrained`` plus the SLoRB branches if any."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a saved model folder (no config.json)")
+        raise UserError(f"{path} is not a saved model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {}))
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     meta_path = path / SLORB_JSON
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, "SLoRB description")
         if meta.get("format") != SLORB_FORMAT:
-            raise ValueError(f"{meta_path} is not a {SLORB_FORMAT} description")
+            raise UserError(f"{meta_path} is not a {SLORB_FORMAT} description")
         tensors = load_file(str(path / SLORB_TENSORS))
         for name, info in meta["layers"].items():
             slorb = SLoRB(info["rows"], info["cols"], meta["k"], meta["trainable_projection"])

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from tqdm.auto import tqdm
@@ -26,6 +27,8 @@ from pruners.registry import layout
 from pruners.slorb import SLoRB
 from pruners.sparse_linear import METRICS, SparseLinear, sparsify, srste_lambda
 from pruners.walker import collect_stats
+from prunesearch.files import read_json
+from prunesearch.safety import UserError, first_line
 
 CHECKPOINT_FORMAT = "prunesearch-ast-checkpoint-v1"
 
@@ -73,7 +76,7 @@ class ASTSettings:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise UserError(message)
 
     @property
     def windows(self) -> int:
@@ -258,23 +261,27 @@ class ASTTrainer:
         folder = Path(folder)
         path = folder / "state.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no AST checkpoint in {folder}")
-        state = json.loads(path.read_text())
+            raise UserError(f"no AST checkpoint in {folder}")
+        state = read_json(path, "AST checkpoint state")
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+            raise UserError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
         saved = state["settings"]
         diff = {k: (saved.get(k), v) for k, v in asdict(self.settings).items() if saved.get(k) != v}
         if diff:
-            raise ValueError("the checkpoint was made with other settings (saved, now): "
-                             + ", ".join(f"{k}={a}→{b}" for k, (a, b) in diff.items()))
+            raise UserError("the checkpoint was made with other settings (saved, now): "
+                            + ", ".join(f"{k}={a}→{b}" for k, (a, b) in diff.items()))
         if state["targets"] != self._target_names():
-            raise ValueError("the checkpoint was made for other per-layer targets (pattern or config)")
-        missing, unexpected = load_model(self.student, str(folder / "student.safetensors"), strict=False,
-                                         device=str(self.device))
+            raise UserError("the checkpoint was made for other per-layer targets (pattern or config)")
+        try:
+            missing, unexpected = load_model(self.student, str(folder / "student.safetensors"), strict=False,
+                                             device=str(self.device))
+            tensors = load_file(str(folder / "optimizer.safetensors"))
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"the AST checkpoint in {folder} is damaged ({first_line(e)}); resume from a backup "
+                            f"or start again without --resume") from e
         if missing or unexpected:
-            raise ValueError(f"the checkpoint does not fit this model (missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]})")
-        tensors = load_file(str(folder / "optimizer.safetensors"))
+            raise UserError(f"the checkpoint does not fit this model (missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]})")
         torch.set_rng_state(tensors.pop("rng.cpu"))
         cuda_rng = tensors.pop("rng.cuda", None)
         if cuda_rng is not None and torch.cuda.is_available():

@@ -22,6 +22,7 @@ from torch import nn
 from pruners.registry import layout, linear_layout
 from pruners.walker import InputStats
 from pruners.wanda import Wanda
+from prunesearch.safety import UserError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def gradient_pass(model: nn.Module, calib_ids: torch.Tensor, norm: str = "l2", s
     projection weight.
     """
     if norm not in NORMS:
-        raise ValueError(f"GBLM norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        raise UserError(f"GBLM norm must be one of {', '.join(NORMS)}, got {norm!r}")
     if calib_ids.dim() != 2 or calib_ids.shape[0] < 1:
         raise ValueError("GBLM's gradient pass needs calibration ids shaped (sequences, tokens)")
     lay = layout(model)
@@ -134,11 +135,11 @@ class GBLM(Wanda):
 
     def __init__(self, alpha: float = 1.0, norm: str = "l2", scale: float = SCALE):
         if norm not in NORMS:
-            raise ValueError(f"GBLM norm must be one of {', '.join(NORMS)}, got {norm!r}")
+            raise UserError(f"GBLM norm must be one of {', '.join(NORMS)}, got {norm!r}")
         if not alpha >= 0 or alpha == float("inf"):
-            raise ValueError(f"GBLM alpha must be a finite number >= 0, got {alpha}")
+            raise UserError(f"GBLM alpha must be a finite number >= 0, got {alpha}")
         if not scale > 0 or scale == float("inf"):
-            raise ValueError(f"GBLM gradient scale must be a finite positive number, got {scale}")
+            raise UserError(f"GBLM gradient scale must be a finite positive number, got {scale}")
         self.alpha, self.norm, self.scale = float(alpha), norm, float(scale)
         self.cache_file: Path | None = None
         self.gradient_seconds: float | None = None

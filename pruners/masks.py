@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prunesearch.safety import UserError
+
 
 @dataclass(frozen=True)
 class Target:
@@ -19,10 +21,9 @@ class Target:
     m: int = 0
 
     def __post_init__(self):
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if self.m and abs(self.sparsity * self.m - round(self.sparsity * self.m)) > 1e-6:
-            raise ValueError(f"sparsity {self.sparsity} is not a multiple of 1/{self.m} as the :{self.m} pattern needs")
+        problem = sparsity_problem(self.sparsity, self.m)
+        if problem:  # a user's values are refused (a UserError) where they are read, in SparsityConfig
+            raise ValueError(problem)
 
     @property
     def n(self) -> int:
@@ -33,6 +34,15 @@ class Target:
         return f"{self.n}:{self.m}" if self.m else f"{self.sparsity:g}"
 
 
+def sparsity_problem(sparsity: float, m: int = 0) -> str | None:
+    """Why ``sparsity`` cannot be a target under a ``:m`` pattern (0: unstructured), or None if it can."""
+    if not 0.0 <= sparsity < 1.0:
+        return f"sparsity must be in [0, 1), got {sparsity}"
+    if m and abs(sparsity * m - round(sparsity * m)) > 1e-6:
+        return f"sparsity {sparsity} is not a multiple of 1/{m} as the :{m} pattern needs"
+    return None
+
+
 def parse_pattern(text: str) -> int:
     """``unstructured`` → 0; ``N:M`` → M (after checking 0 < N < M). The N is the sparsity N/M."""
     if text == "unstructured":
@@ -40,9 +50,9 @@ def parse_pattern(text: str) -> int:
     try:
         n, m = (int(x) for x in text.split(":"))
     except ValueError:
-        raise ValueError(f"pattern must be 'unstructured' or 'N:M' such as 2:4, got {text!r}") from None
+        raise UserError(f"pattern must be 'unstructured' or 'N:M' such as 2:4, got {text!r}") from None
     if not 0 < n < m:
-        raise ValueError(f"N:M pattern needs 0 < N < M, got {text!r}")
+        raise UserError(f"N:M pattern needs 0 < N < M, got {text!r}")
     return m
 
 
@@ -59,7 +69,7 @@ def check_pattern_fits_layout(lay, m: int) -> None:
     for name in lay.projection_names():
         cols = get_weight(lay.projections[lay.block_of(name)][name]).shape[1]
         if cols % m:
-            raise ValueError(f"pattern N:{m} does not fit: {name} has {cols} input columns, not a multiple of {m}")
+            raise UserError(f"pattern N:{m} does not fit: {name} has {cols} input columns, not a multiple of {m}")
 
 
 def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:

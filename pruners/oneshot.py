@@ -15,6 +15,7 @@ from pruners.sparsegpt import SparseGPT
 from pruners.sparsellm import SparseLLM
 from pruners.walker import collect_stats, run_block, walk
 from pruners.wanda import Wanda
+from prunesearch.safety import UserError
 
 METHODS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT, "gblm": GBLM, "sparsellm": SparseLLM}
 
@@ -22,7 +23,7 @@ METHODS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT, "gblm
 def make_pruner(method: str, **options):
     """Instantiate a pruner by name; options are the method's own (e.g. ``wbits`` for SparseGPT)."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return METHODS[method](**{k: v for k, v in options.items() if v is not None})
 
 

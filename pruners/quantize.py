@@ -19,6 +19,7 @@ from pruners.oneshot import prune_model
 from pruners.registry import get_weight, layout
 from pruners.sparsegpt import sparsegpt
 from pruners.walker import InputStats
+from prunesearch.safety import UserError
 
 SCALE_BITS = 16  # one fp16 scale per group; the zero point takes wbits
 
@@ -32,7 +33,7 @@ def rtn_quantize(weight: torch.Tensor, pruned: torch.Tensor, bits: int, group_si
     rows, cols = weight.shape
     g = group_size or cols
     if cols % g:
-        raise ValueError(f"group size {g} does not divide the layer's {cols} input columns")
+        raise UserError(f"group size {g} does not divide the layer's {cols} input columns")
     maxq = 2**bits - 1
     w = weight.float().masked_fill(pruned, 0.0).view(rows, cols // g, g)
     xmin = w.amin(-1, keepdim=True).clamp(max=0)
@@ -81,9 +82,9 @@ QUANTIZERS = {"rtn": RTNQuantizer, "gptq": GPTQQuantizer}
 def make_quantizer(method: str, wbits: int, group_size: int = 128):
     """A quantizer by name (``rtn`` or ``gptq``) for ``prune_model``."""
     if method not in QUANTIZERS:
-        raise ValueError(f"unknown quantizer {method!r}; choose one of {', '.join(QUANTIZERS)}")
+        raise UserError(f"unknown quantizer {method!r}; choose one of {', '.join(QUANTIZERS)}")
     if not 2 <= wbits <= 8:
-        raise ValueError(f"wbits must be in 2..8, got {wbits}")
+        raise UserError(f"wbits must be in 2..8, got {wbits}")
     return RTNQuantizer(wbits, group_size) if method == "rtn" else GPTQQuantizer(wbits)
 
 

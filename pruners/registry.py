@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from prunesearch.autoclasses import PREFIX as EXPORT_PREFIX
+from prunesearch.safety import UserError
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -164,16 +165,16 @@ class ModelLayout:
     def ffn_names(self, i: int) -> dict[str, str]:
         """Full names of block ``i``'s FFN projections by role (``up``, ``down``, and ``gate`` when gated)."""
         if self.ffn is None or self.activation is None:
-            raise ValueError(f"the FFN structure of {self.family!r} models is unknown; describe it with an FFN in "
-                             "its Family in pruners/registry.py")
+            raise UserError(f"the FFN structure of {self.family!r} models is unknown; describe it with an FFN in "
+                            "its Family in pruners/registry.py")
         roles = {"up": self.ffn.up, "down": self.ffn.down, "gate": self.ffn.gate}
         return {role: f"{self.blocks_path}.{i}.{local}" for role, local in roles.items() if local}
 
     def width_spec(self) -> tuple[Heads, FFN]:
         """How this model's attention splits into heads and its FFN into channels (what width pruning slices)."""
         if self.heads is None or self.ffn is None:
-            raise ValueError(f"width pruning does not know how {self.family!r} models split into heads and channels; "
-                             "describe it with Heads and FFN in its Family in pruners/registry.py")
+            raise UserError(f"width pruning does not know how {self.family!r} models split into heads and channels; "
+                            "describe it with Heads and FFN in its Family in pruners/registry.py")
         return self.heads, self.ffn
 
     def numel(self, name: str) -> int:
@@ -192,7 +193,7 @@ def layout(model: nn.Module) -> ModelLayout:
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
             break
     else:
-        raise ValueError(
+        raise UserError(
             f"cannot walk {type(model).__name__} (model_type={model_type!r}): no decoder block list found at "
             f"{', '.join(candidates)}; add a Family for it in pruners/registry.py"
         )
@@ -204,11 +205,11 @@ def layout(model: nn.Module) -> ModelLayout:
             found = {f"{prefix}.{n}": _get(block, n) for n in names}
             missing = [n for n, m in found.items() if m is None or not is_prunable(m)]
             if missing:
-                raise ValueError(f"{type(model).__name__}: expected projections {missing} are missing or not linear")
+                raise UserError(f"{type(model).__name__}: expected projections {missing} are missing or not linear")
         else:
             found = {f"{prefix}.{n}": m for n, m in block.named_modules() if n and is_prunable(m)}
             if not found:
-                raise ValueError(f"cannot walk {type(model).__name__}: block {prefix} has no linear layers")
+                raise UserError(f"cannot walk {type(model).__name__}: block {prefix} has no linear layers")
         projections.append(found)
     ffn = family.ffn if family else None
     config = getattr(model, "config", None)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunesearch.safety import UserError
+
 
 class SLoRB(nn.Module):
     """y = S·(P x) with S (rows x groups) and P (groups x cols) summing each group of k input columns."""
@@ -20,7 +22,7 @@ class SLoRB(nn.Module):
     def __init__(self, rows: int, cols: int, k: int, trainable_projection: bool = False):
         super().__init__()
         if not 1 <= k <= cols:
-            raise ValueError(f"SLoRB needs 1 <= k <= the layer's {cols} input columns, got k={k}")
+            raise UserError(f"SLoRB needs 1 <= k <= the layer's {cols} input columns, got k={k}")
         self.k, self.cols = k, cols
         self.groups = -(-cols // k)
         self.weight = nn.Parameter(torch.zeros(rows, self.groups))

@@ -14,6 +14,7 @@ from torch import nn
 
 from pruners.masks import Target, select
 from pruners.registry import Conv1D
+from prunesearch.safety import UserError
 
 METRICS = ("magnitude", "wanda")
 
@@ -43,7 +44,7 @@ class SparseLinear(nn.Module):
         if not isinstance(base, (nn.Linear, Conv1D)):
             raise TypeError(f"SparseLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
         if metric not in METRICS:
-            raise ValueError(f"mask metric must be one of {', '.join(METRICS)}, got {metric!r}")
+            raise UserError(f"mask metric must be one of {', '.join(METRICS)}, got {metric!r}")
         if metric == "wanda" and norm_sq is None:
             raise ValueError("the wanda mask metric needs the input norms (norm_sq)")
         self.base = base
@@ -137,7 +138,7 @@ def sparsify(model: nn.Module, targets: dict[str, Target], metric: str = "magnit
         setattr(parent, child, layer)
         wrapped[name] = layer
     if not wrapped:
-        raise ValueError("every layer's target sparsity is 0: nothing to train sparse")
+        raise UserError("every layer's target sparsity is 0: nothing to train sparse")
     return wrapped
 
 

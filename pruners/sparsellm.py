@@ -34,6 +34,7 @@ from pruners.masks import Target
 from pruners.registry import ModelLayout, get_weight, set_weight
 from pruners.sparsegpt import sparsegpt
 from pruners.walker import Batch, collect_stats, run_block
+from prunesearch.safety import UserError
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +174,12 @@ class SparseLLM:
                  layers: str = "all", blocksize: int = 128, percdamp: float = 0.01, gate_steps: int = 2,
                  gate_lr: float = 0.01, chunk_tokens: int = 4096, solve_damp: float = 1e-6):
         if not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"SparseLLM iterations must be an integer >= 1, got {iters!r}")
+            raise UserError(f"SparseLLM iterations must be an integer >= 1, got {iters!r}")
         for key, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
             if not value > 0 or not math.isfinite(value):
-                raise ValueError(f"SparseLLM {key} must be positive and finite, got {value!r}")
+                raise UserError(f"SparseLLM {key} must be positive and finite, got {value!r}")
         if layers not in LAYER_SETS:
-            raise ValueError(f"SparseLLM layers must be one of {', '.join(LAYER_SETS)}, got {layers!r}")
+            raise UserError(f"SparseLLM layers must be one of {', '.join(LAYER_SETS)}, got {layers!r}")
         self.iters, self.layers = iters, layers
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.blocksize, self.percdamp, self.solve_damp = blocksize, percdamp, solve_damp
@@ -380,5 +381,5 @@ def act_fn(name: str | None) -> Activation:
     from transformers.activations import ACT2FN
 
     if name is None or name not in ACT2FN:
-        raise ValueError(f"sparsellm: unknown FFN activation {name!r}")
+        raise UserError(f"sparsellm: unknown FFN activation {name!r}")
     return ACT2FN[name]

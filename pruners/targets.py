@@ -18,8 +18,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pruners.masks import Target, parse_pattern
+from pruners.masks import Target, check_pattern_fits_layout, parse_pattern, sparsity_problem
 from pruners.registry import ModelLayout
+from prunesearch.safety import UserError, first_line
 
 
 @dataclass
@@ -36,8 +37,10 @@ class SparsityConfig:
             if value is None:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"sparsity for {key!r} must be a number, got {value!r}")
-            Target(float(value), self.m)  # validates the range and the N:M grid
+                raise UserError(f"sparsity for {key!r} must be a number, got {value!r}")
+            problem = sparsity_problem(float(value), self.m)
+            if problem:
+                raise UserError(problem)
 
     @classmethod
     def uniform(cls, sparsity: float | None = None, pattern: str = "unstructured") -> SparsityConfig:
@@ -45,7 +48,7 @@ class SparsityConfig:
         m = parse_pattern(pattern)
         if sparsity is None:
             if not m:
-                raise ValueError("give a sparsity, or an N:M pattern")
+                raise UserError("give a sparsity, or an N:M pattern")
             n = int(pattern.split(":")[0])
             sparsity = n / m
         return cls({}, float(sparsity), pattern)
@@ -54,31 +57,35 @@ class SparsityConfig:
     def from_dict(cls, data: dict) -> SparsityConfig:
         unknown = set(data) - {"sparsity", "default", "pattern", "meta"}
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}; allowed: sparsity, default, pattern, meta")
+            raise UserError(f"unknown config keys {sorted(unknown)}; allowed: sparsity, default, pattern, meta")
         values = data.get("sparsity", {})
         if not isinstance(values, dict):
-            raise ValueError("config 'sparsity' must map block indices or module names to numbers")
+            raise UserError("config 'sparsity' must map block indices or module names to numbers")
         return cls({str(k): v for k, v in values.items()}, data.get("default"), data.get("pattern", "unstructured"))
 
     @classmethod
     def load(cls, path: str | Path) -> SparsityConfig:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+            raise UserError(f"config file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"config {path} cannot be read as text ({first_line(e)})") from e
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
             try:
-                data = yaml.safe_load(path.read_text())
+                data = yaml.safe_load(text)
             except yaml.YAMLError as e:
-                raise ValueError(f"config {path} is not valid YAML: {e}") from None
+                raise UserError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from e
         else:
             try:
-                data = json.loads(path.read_text())
+                data = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ValueError(f"config {path} is not valid JSON: {e}") from None
+                raise UserError(f"config {path} is not valid JSON: {e}") from e
         if not isinstance(data, dict):
-            raise ValueError(f"config {path} must hold a JSON (or YAML) object")
+            raise UserError(f"config {path} must hold a JSON (or YAML) object")
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:
@@ -89,7 +96,10 @@ class SparsityConfig:
         return out
 
     def resolve(self, lay: ModelLayout) -> dict[str, Target]:
-        """The target of every projection of the model; unknown keys raise naming what the model has."""
+        """The target of every projection of the model; unknown keys, or an N:M pattern that does not fit every
+        projection, raise naming what the model has."""
+        if self.m:
+            check_pattern_fits_layout(lay, self.m)
         names = lay.projection_names()
         known = set(names)
         targets: dict[str, float | None] = {name: self.default for name in names}
@@ -107,7 +117,7 @@ class SparsityConfig:
             else:
                 bad.append(key)
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"config names layers the model does not have: {bad}; it has blocks 0-{lay.num_blocks - 1} and "
                 f"projections like {names[0]}"
             )

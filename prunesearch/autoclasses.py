@@ -14,6 +14,8 @@ import importlib.machinery
 import sys
 from typing import Any
 
+from prunesearch.safety import UserError
+
 EXPORT_TYPES = ("llama", "qwen2", "opt", "gpt2")
 PREFIX = "prunesearch_"
 _CONFIGS = "transformers.models.auto.configuration_auto"
@@ -25,8 +27,8 @@ def config_class(base_type: str) -> type:
     """The config class of a width export of ``base_type``: the base config with model_type ``prunesearch_<base>``
     and per-layer ``layer_heads``, ``layer_kv_heads`` and ``layer_intermediate`` lists."""
     if base_type not in EXPORT_TYPES:
-        raise ValueError(f"width export knows {', '.join(EXPORT_TYPES)} models, not {base_type!r}; add it to "
-                         "EXPORT_TYPES in prunesearch/autoclasses.py")
+        raise UserError(f"width export knows {', '.join(EXPORT_TYPES)} models, not {base_type!r}; add it to "
+                        "EXPORT_TYPES in prunesearch/autoclasses.py")
     if base_type not in _config_classes:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 

@@ -321,7 +321,7 @@ def _width_allocator(args):
     if args.config:
         try:
             section = json.loads(Path(args.config).read_text()).get("width")
-        except (OSError, json.JSONDecodeError, AttributeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
             raise UsageError(f"--config {args.config}: cannot read a JSON object ({e})") from None
         if not isinstance(section, dict) or not section:
             raise UsageError(f"--config {args.config} has no width section (schema in the README)")
@@ -643,6 +643,8 @@ def cmd_predictor_retrain(args) -> int:
     out = _check_out(args.out, args.overwrite)
     if args.folds < 2:
         raise UsageError("--folds must be at least 2")
+    if args.members < 1:
+        raise UsageError("--members must be at least 1")
     spec = make_spec(args.depth_bins)
     pairs = combine([run_pairs(Path(r), spec) for r in args.runs] + [file_pairs(Path(p), spec) for p in args.pairs],
                     args.allow_mixed)
@@ -725,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model = f"{args.model}/{args.gguf_file}"
         _set_threads(getattr(args, "threads", None))
         return args.func(args)
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except UserError as e:  # bad input or a refused action; any other exception is a bug and keeps its traceback
         if os.environ.get("PRUNESEARCH_DEBUG"):
             raise
         print(f"prunesearch: error: {e}", file=sys.stderr)

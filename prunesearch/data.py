@@ -29,6 +29,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from prunesearch.cache import cache_dir
+from prunesearch.safety import UserError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -57,6 +58,10 @@ CACHE_FORMAT = "tokens-v1"
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "PRUNESEARCH_OFFLINE")
 
 
+class DataUnavailable(UserError):
+    """A named dataset has no text for a role here: not in the data folder, hub unreachable, not bundled."""
+
+
 def hub_reachable() -> bool:
     """Whether the Hugging Face hub can be used: not forced offline and huggingface.co answers (probed once)."""
     if any(os.environ.get(name) == "1" for name in OFFLINE_ENV):
@@ -80,8 +85,8 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"data folder {path} does not exist; give --data-dir (or PRUNESEARCH_DATA_DIR) "
-                                f"a folder laid out like shared/data")
+        raise UserError(f"data folder {path} does not exist; give --data-dir (or PRUNESEARCH_DATA_DIR) a folder "
+                        f"laid out like shared/data")
     return path
 
 
@@ -105,12 +110,16 @@ def _file_key(path: Path) -> str:
 
 
 def _read_text(path: Path) -> str:
-    """A text file (optionally gzipped) with universal newlines, so CRLF files read as LF."""
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8") as f:
+    """A text file (optionally gzipped) with universal newlines, so CRLF files read as LF; one that is not UTF-8
+    text is a UserError naming it."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return f.read()
+        with open(path, encoding="utf-8") as f:
             return f.read()
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"data file {path} cannot be read as UTF-8 text ({first_line(e)})") from e
 
 
 def _lines(text: str) -> list[str]:
@@ -128,11 +137,11 @@ def _read_jsonl(path: Path) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {number} is not valid JSON ({e.msg}); each line must be a JSON object "
-                             f"with a 'text' field") from None
+            raise UserError(f"{path} line {number} is not valid JSON ({e.msg}); each line must be a JSON object "
+                            f"with a 'text' field") from e
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise ValueError(f"{path} line {number} has no string 'text' field; each line must be a JSON object "
-                             f"with a 'text' field")
+            raise UserError(f"{path} line {number} has no string 'text' field; each line must be a JSON object "
+                            f"with a 'text' field")
         texts.append(row["text"])
     return texts
 
@@ -141,7 +150,7 @@ def _c4_documents(path: Path, docs: range) -> Callable[[], Sequence[str]]:
     def load() -> Sequence[str]:
         texts = _read_jsonl(path)
         if len(texts) < docs.stop:
-            raise ValueError(f"{path} has {len(texts)} documents; the C4 sample must hold at least {docs.stop}")
+            raise UserError(f"{path} has {len(texts)} documents; the C4 sample must hold at least {docs.stop}")
         return texts[docs.start:docs.stop]
     return load
 
@@ -163,8 +172,8 @@ def _hub(dataset: str, config: str | None, split: str, field: str, data_files: d
 def _local_file(path: Path, role: str) -> _Plan:
     """A user's .txt (one document stream) or .jsonl (one document per line, field ``text``)."""
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist; give c4, wikitext2, ptb or an existing .txt or "
-                                f".jsonl file")
+        raise UserError(f"data file {path} does not exist; give c4, wikitext2, ptb or an existing .txt or .jsonl "
+                        f"file")
     record = {"dataset": path.name, "role": role, "origin": "file", "file": str(path.resolve())}
     if path.suffix == ".txt":
         record["text"] = "the whole file as one stream"
@@ -173,7 +182,7 @@ def _local_file(path: Path, role: str) -> _Plan:
         joiner = "\n\n" if role == "evaluation" else None
         record["text"] = "field 'text' of every line" + (" joined with '\\n\\n'" if joiner else ", one document each")
         return _Plan(record, _file_key(path), lambda: _read_jsonl(path), joiner)
-    raise ValueError(f"data file {path} must end in .txt (one text stream) or .jsonl (one JSON document per line)")
+    raise UserError(f"data file {path} must end in .txt (one text stream) or .jsonl (one JSON document per line)")
 
 
 def _c4_hub(role: str) -> _Plan:
@@ -258,7 +267,7 @@ def _resolve(source: str, role: str, data_dir: str | Path | None) -> _Plan:
         path = Path(source).expanduser()
         if path.suffix in (".txt", ".jsonl") or path.exists() or os.sep in source:
             return _local_file(path, role)
-        raise ValueError(f"unknown dataset {source!r}; give c4, wikitext2, ptb, or a path to a .txt or .jsonl file")
+        raise UserError(f"unknown dataset {source!r}; give c4, wikitext2, ptb, or a path to a .txt or .jsonl file")
     if role == "heldout" and source != "c4":
         raise ValueError(f"held-out fitness data comes from c4 only, got {source!r}")
     folder = resolve_data_dir(data_dir)
@@ -268,7 +277,7 @@ def _resolve(source: str, role: str, data_dir: str | Path | None) -> _Plan:
     split = "test" if role == "evaluation" else "validation"
     tried = (f"data folder {folder} has no {LOCAL_FILES[source, split]}" if folder is not None
              else "no data folder was given")
-    raise FileNotFoundError(
+    raise DataUnavailable(
         f"no {source} text for {role}: {tried}, the Hugging Face hub is unreachable or disabled, and {why}; "
         f"pass --data-dir (or set PRUNESEARCH_DATA_DIR) to a folder laid out like shared/data"
     )
@@ -284,7 +293,7 @@ def describe(source: str, data_dir: str | Path | None = None, role: str | None =
     for r in roles:
         try:
             record = dict(_resolve(source, r, data_dir).record)
-        except FileNotFoundError as e:
+        except DataUnavailable as e:
             if source not in NAMES:
                 raise
             record = {"unavailable": str(e)}
@@ -397,16 +406,16 @@ class _DocumentIds:
 
 def _check_sizes(nsamples: int, seqlen: int) -> None:
     if nsamples < 1:
-        raise ValueError(f"nsamples must be at least 1, got {nsamples}")
+        raise UserError(f"nsamples must be at least 1, got {nsamples}")
     if seqlen < 1:
-        raise ValueError(f"seqlen must be at least 1, got {seqlen}")
+        raise UserError(f"seqlen must be at least 1, got {seqlen}")
 
 
 def _windows_from_stream(ids: np.ndarray, nsamples: int, seqlen: int, seed: int, what: str) -> torch.Tensor:
     """Reference rule for a stream: ``random.seed(seed)``, then each window starts at ``randint(0, N-seqlen-1)``."""
     if len(ids) <= seqlen:
-        raise ValueError(f"{what} has {len(ids)} tokens, too few for windows of {seqlen}; use a smaller seqlen or "
-                         f"more text")
+        raise UserError(f"{what} has {len(ids)} tokens, too few for windows of {seqlen}; use a smaller seqlen or "
+                        f"more text")
     rng = random.Random(seed)
     rows = []
     for _ in range(nsamples):
@@ -430,8 +439,8 @@ def _windows_from_documents(docs: _DocumentIds, nsamples: int, seqlen: int, seed
                 short.add(i)
                 if len(short) == len(docs):
                     longest = max(len(docs[j]) for j in range(len(docs)))
-                    raise ValueError(f"no document of {what} is longer than {seqlen} tokens (longest: {longest}); "
-                                     f"use a smaller seqlen or longer documents")
+                    raise UserError(f"no document of {what} is longer than {seqlen} tokens (longest: {longest}); "
+                                    f"use a smaller seqlen or longer documents")
             start = rng.randint(0, len(ids) - seqlen - 1)
             rows.append(ids[start:start + seqlen])
     finally:

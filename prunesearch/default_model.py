@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from prunesearch.cache import cache_dir
 from prunesearch.data import C4_TRAIN_DOCS, bundled_c4_documents, bundled_wikitext2_test
 from prunesearch.evaluate import perplexity
+from prunesearch.safety import UserError
 
 try:
     import fcntl
@@ -58,7 +59,7 @@ def default_model_dir(seed: int = DEFAULT_SEED, steps: int | None = None) -> Pat
 def ensure_default_model(seed: int = DEFAULT_SEED, progress: bool = True, steps: int | None = None) -> Path:
     """The default model's folder, built first if absent; the build lands by atomic rename, never half-written."""
     if steps is not None and steps < 1:
-        raise ValueError(f"steps must be a positive number of optimizer steps, got {steps}")
+        raise UserError(f"steps must be a positive number of optimizer steps, got {steps}")
     folder = default_model_dir(seed, steps)
     if (folder / "build_report.json").is_file():
         return folder
@@ -73,8 +74,8 @@ def ensure_default_model(seed: int = DEFAULT_SEED, progress: bool = True, steps:
             try:
                 tmp.rename(folder)  # replaces the empty placeholder that cache_dir creates
             except OSError:
-                raise FileExistsError(f"{folder} holds files but no build_report.json; delete that folder to "
-                                      f"rebuild the default model") from None
+                raise UserError(f"{folder} holds files but no build_report.json; delete that folder to "
+                                f"rebuild the default model") from None
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from prunesearch.safety import UserError
+
 
 def windows(ids: torch.Tensor, seqlen: int, limit: int | None = None) -> torch.Tensor:
     """Cut a (1, N) token stream into non-overlapping windows of ``seqlen``; the remainder is dropped."""
@@ -19,7 +21,7 @@ def windows(ids: torch.Tensor, seqlen: int, limit: int | None = None) -> torch.T
     if limit is not None:
         n = min(n, limit)
     if n == 0:
-        raise ValueError(f"evaluation data has {ids.numel()} tokens, fewer than one window of {seqlen}")
+        raise UserError(f"evaluation data has {ids.numel()} tokens, fewer than one window of {seqlen}")
     return ids.reshape(-1)[: n * seqlen].reshape(n, seqlen)
 
 
@@ -151,7 +153,7 @@ class DenseReference:
             return self.kl_terms(model(input_ids=batch, use_cache=False).logits, rows)
         split = head_split(model)
         if split is None:
-            raise ValueError("this reference needs a model whose logits are a linear head on its final hidden state")
+            raise UserError("this reference needs a model whose logits are a linear head on its final hidden state")
         h = split[0](input_ids=batch, use_cache=False).last_hidden_state
         cross = torch.einsum("bth,bth->bt", h.float(), self.expected[rows].to(device))
         return self.constant[rows].to(device) - cross + torch.logsumexp(split[1](h).float(), dim=-1)

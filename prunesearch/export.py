@@ -10,6 +10,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from prunesearch.files import read_json, read_parquet
+from prunesearch.safety import UserError
+
 # trials.parquet columns that describe how every fitness of a run was measured (see search.engine.trials_frame)
 PROTOCOL = ("model", "budget", "pattern", "granularity", "pruner", "fitness_kind", "fitness_data", "fitness_samples",
             "low_fidelity_samples", "seqlen", "calib", "nsamples", "seed")
@@ -20,8 +23,8 @@ def read_trials(run: Path) -> pd.DataFrame:
     """The run's trials table; a folder without one is not a finished search."""
     path = Path(run) / "trials.parquet"
     if not path.is_file():
-        raise FileNotFoundError(f"{run} is not a finished search run (no trials.parquet)")
-    return pd.read_parquet(path)
+        raise UserError(f"{run} is not a finished search run (no trials.parquet)")
+    return read_parquet(path, "trials table")
 
 
 def units(frame: pd.DataFrame) -> list[str]:
@@ -57,14 +60,14 @@ def select(run: Path, top: int | None = None, pareto: bool = False) -> list[dict
     if pareto:
         table = run / "pareto.csv"
         if not table.is_file():
-            raise ValueError(f"{run} has no Pareto front (only a budget-range search such as "
-                             f"--budget sparsity=0.6:0.8 writes one); use --top K")
-        return [json.loads((run / path).read_text()) for path in pd.read_csv(table)["config"]]
+            raise UserError(f"{run} has no Pareto front (only a budget-range search such as "
+                            f"--budget sparsity=0.6:0.8 writes one); use --top K")
+        return [read_json(run / path, "Pareto config") for path in pd.read_csv(table)["config"]]
     if top is not None and top < 1:
-        raise ValueError("--top must be at least 1")
+        raise UserError("--top must be at least 1")
     best = measured(frame).head(top or 1)
     if best.empty:
-        raise ValueError(f"{run} has no completed trial to export")
+        raise UserError(f"{run} has no completed trial to export")
     return [trial_config(row, units(frame), run) for _, row in best.iterrows()]
 
 
@@ -79,7 +82,7 @@ def model_layout(source: str):
 
     path = Path(source)
     if not (gguf_source.is_gguf(source) and path.is_file()) and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the run's model {source} is not a local folder with a config.json; pass --model")
+        raise UserError(f"the run's model {source} is not a local folder with a config.json; pass --model")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_config(source))  # a GGUF file: its dequantized copy's config
     return layout(model)
@@ -91,7 +94,7 @@ def recipe(config: dict, lay, method: str) -> dict:
     from pruners.targets import SparsityConfig
 
     if method not in MODIFIERS:
-        raise ValueError(f"llm-compressor modifier must be one of {', '.join(MODIFIERS)}, got {method!r}")
+        raise UserError(f"llm-compressor modifier must be one of {', '.join(MODIFIERS)}, got {method!r}")
     targets = SparsityConfig.from_dict(config).resolve(lay)
     levels: dict[tuple[float, int], list[str]] = defaultdict(list)
     for name, t in targets.items():

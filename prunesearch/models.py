@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunesearch import gguf_source
 from prunesearch.data import hub_reachable
-from prunesearch.safety import check_finite
+from prunesearch.safety import UserError, check_finite, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -19,9 +20,9 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is visible")
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible")
     if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+        raise UserError(f"device must be auto, cpu or cuda[:N], got {device!r}")
     return device
 
 
@@ -32,7 +33,7 @@ def resolve_dtype(dtype: str, device: str, config_dtype: torch.dtype | None) -> 
             return config_dtype
         return torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+        raise UserError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -51,20 +52,20 @@ def model_source(model: str | None) -> str:
         return str(path.resolve())
     if gguf_source.is_gguf(model) and not path.exists():
         if model.startswith((".", "/", "~")) or model.count("/") != 2:
-            raise FileNotFoundError(f"GGUF file {model} does not exist")
+            raise UserError(f"GGUF file {model} does not exist")
         if not hub_reachable():
-            raise FileNotFoundError(f"GGUF model {model!r} is not a local file and the Hugging Face hub is not "
-                                    "reachable; give a local .gguf path")
+            raise UserError(f"GGUF model {model!r} is not a local file and the Hugging Face hub is not "
+                            "reachable; give a local .gguf path")
         return model
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {path} has no config.json")
+            raise UserError(f"model folder {path} has no config.json")
         return str(path)
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith(("/", ".json"))
     if looks_like_path:
-        raise FileNotFoundError(f"model path {model} does not exist")
+        raise UserError(f"model path {model} does not exist")
     if not hub_reachable():
-        raise FileNotFoundError(
+        raise UserError(
             f"model {model!r} is not a local folder and the Hugging Face hub is not reachable; give a local path"
         )
     return model
@@ -84,8 +85,14 @@ def load_model(model: str | None, device: str = "cpu", dtype: str = "auto", comp
     if isinstance(config_dtype, str):
         config_dtype = DTYPES.get(config_dtype)
     torch_dtype = resolve_dtype(dtype, compute_device or device, config_dtype)
-    net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise UserError(f"model {source}: its weights cannot be loaded ({first_line(e)})") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {source}: its tokenizer cannot be loaded ({first_line(e)})") from e
     check_finite(net, f"model {source}")  # NaN or inf weights would prune, evaluate and search to NaN
     return net.to(device).eval(), tokenizer, source
 
@@ -104,16 +111,16 @@ def describe_model(source: str) -> dict:
 
 
 def load_config(source: str):
-    """The model's config; an unreadable ``config.json`` is one line (a ValueError), not a traceback."""
+    """The model's config; an unreadable ``config.json`` (or a hub id without one) is a UserError, not a traceback."""
     from transformers import AutoConfig
 
+    folder = weights_folder(source)
     try:
-        return AutoConfig.from_pretrained(weights_folder(source))
+        return AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        if not Path(source).expanduser().is_dir():
-            raise
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"model folder {source} has an unreadable config.json: {detail[:200]}") from None
+        if Path(source).expanduser().is_dir():
+            raise UserError(f"model folder {source} has an unreadable config.json: {first_line(e)}") from e
+        raise UserError(f"model {source}: its config cannot be loaded ({first_line(e)})") from e
 
 
 def check_pattern_fits(model: str | None, m: int) -> None:
@@ -124,7 +131,7 @@ def check_pattern_fits(model: str | None, m: int) -> None:
     config = load_config(model_source(model))
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     if isinstance(hidden, int) and hidden % m:
-        raise ValueError(f"pattern N:{m} does not fit {model}: its hidden size {hidden} is not a multiple of {m}")
+        raise UserError(f"pattern N:{m} does not fit {model}: its hidden size {hidden} is not a multiple of {m}")
 
 
 def default_seqlen(model, requested: int | None, builtin: bool = False) -> int:
@@ -132,7 +139,7 @@ def default_seqlen(model, requested: int | None, builtin: bool = False) -> int:
     own context (never blindly ``max_position_embeddings``, which can be 32768)."""
     if requested is not None:
         if requested < 2:
-            raise ValueError(f"--seqlen must be at least 2, got {requested}")
+            raise UserError(f"--seqlen must be at least 2, got {requested}")
         return requested
     if builtin:
         from prunesearch.default_model import DEFAULT_SEQLEN

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from pruners.targets import SparsityConfig
+from prunesearch.safety import UserError
 
 
 def load_choice(run: str | None, config: str | None) -> tuple[SparsityConfig, dict, str]:
@@ -17,9 +18,9 @@ def load_choice(run: str | None, config: str | None) -> tuple[SparsityConfig, di
         path = Path(run) / "best_config.json"
         if not path.is_file():
             if (Path(run) / "pareto.csv").is_file():
-                raise ValueError(f"{run} is a budget-range run with a Pareto front, not one best allocation; pass "
-                                 f"--config {Path(run) / 'pareto'}/<one of its files>")
-            raise FileNotFoundError(f"{run} has no best_config.json (not a finished single-budget search)")
+                raise UserError(f"{run} is a budget-range run with a Pareto front, not one best allocation; pass "
+                                f"--config {Path(run) / 'pareto'}/<one of its files>")
+            raise UserError(f"{run} has no best_config.json (not a finished single-budget search)")
     else:
         path = Path(config)
     parsed = SparsityConfig.load(path)
@@ -35,7 +36,7 @@ def check_eval_data(names: list[str], data_dir: str | None) -> None:
         if name in data.NAMES:
             missing = data.describe(name, data_dir)["evaluation"].get("unavailable")
             if missing:
-                raise FileNotFoundError(missing)
+                raise UserError(missing)
 
 
 def realize_report(prune_report: dict, meta: dict, origin: str, fmt: str, evaluation: dict) -> dict:

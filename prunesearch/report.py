@@ -14,6 +14,7 @@ import pandas as pd
 
 from prunesearch import report_figures as figs
 from prunesearch.export import PROTOCOL, read_trials, units
+from prunesearch.files import read_json, read_json_lines
 
 log = logging.getLogger("prunesearch.report")
 
@@ -67,10 +68,9 @@ def load_run(path: Path) -> Run:
     """Read a run folder (trials.parquet is required; report.json and predictor_rounds.jsonl when present)."""
     path = Path(path)
     frame = read_trials(path)
-    summary = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else {}
+    summary = read_json(path / "report.json", "run report") if (path / "report.json").is_file() else {}
     rounds_file = path / "predictor_rounds.jsonl"
-    rounds = [json.loads(line) for line in rounds_file.read_text().splitlines() if line.strip()] \
-        if rounds_file.is_file() else []
+    rounds = read_json_lines(rounds_file, "predictor rounds log") if rounds_file.is_file() else []
     return Run(path, frame, summary, rounds)
 
 

@@ -26,6 +26,11 @@ class UserError(ValueError):
     """Bad input or a refused action: the CLI prints it as one line and exits with status 2."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), to quote in a one-line UserError."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Non-finite weights
 

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from prunesearch.cache import cache_dir
+from prunesearch.safety import UserError
 
 SUPPORTED_OFFLINE = ("piqa", "arc_easy", "arc_challenge", "winogrande", "boolq", "lambada_openai", "hellaswag")
 PREFIX = "ps_"
@@ -74,7 +75,7 @@ def _hellaswag_rows(data_dir: Path) -> Iterator[dict[str, Any]]:
     if lines and lines[-1] == "":
         lines.pop()
     if len(lines) % 6:
-        raise ValueError(f"{path} has {len(lines)} lines; the HellaSwag text export has 6 lines per item")
+        raise UserError(f"{path} has {len(lines)} lines; the HellaSwag text export has 6 lines per item")
     for i in range(0, len(lines), 6):
         yield hellaswag_doc(lines[i:i + 6])
 
@@ -84,8 +85,8 @@ def _piqa_rows(data_dir: Path) -> Iterator[dict[str, Any]]:
     rows = (data_dir / "piqa/valid.jsonl").read_text(encoding="utf-8").splitlines()
     labels = (data_dir / "piqa/valid-labels.lst").read_text().split()
     if len(rows) != len(labels):
-        raise ValueError(f"piqa/valid.jsonl has {len(rows)} rows but piqa/valid-labels.lst has {len(labels)} labels "
-                         f"in {data_dir}; the two files must be aligned line by line")
+        raise UserError(f"piqa/valid.jsonl has {len(rows)} rows but piqa/valid-labels.lst has {len(labels)} labels "
+                        f"in {data_dir}; the two files must be aligned line by line")
     for row, label in zip(rows, labels):
         yield {**json.loads(row), "label": int(label)}
 
@@ -166,16 +167,16 @@ def prepare_offline_tasks(tasks: list[str], data_dir: str | Path) -> Path:
     """Check the tasks' files, convert what needs it and write the ``ps_<task>`` YAMLs; returns their folder."""
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
-        raise ValueError(f"data_dir {root} is not a directory; pass a folder laid out like shared/data")
+        raise UserError(f"data_dir {root} is not a directory; pass a folder laid out like shared/data")
     for task in tasks:
         if task not in _TASKS:
-            raise ValueError(f"task {task!r} has no offline definition; "
-                             f"supported offline: {', '.join(SUPPORTED_OFFLINE)}")
+            raise UserError(f"task {task!r} has no offline definition; "
+                            f"supported offline: {', '.join(SUPPORTED_OFFLINE)}")
         for source in _TASKS[task].sources:
             if not (root / source).is_file():
                 files = "; ".join(f"{t}: {', '.join(s.sources)}" for t, s in _TASKS.items())
-                raise ValueError(f"task {task!r} needs {root / source}, which does not exist; "
-                                 f"supported offline tasks and their files: {files}")
+                raise UserError(f"task {task!r} needs {root / source}, which does not exist; "
+                                f"supported offline tasks and their files: {files}")
     folder = task_dir(root)
     for task in tasks:
         spec = _TASKS[task]
@@ -242,11 +243,11 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], data_dir: str | Path | No
     from lm_eval.tasks import TaskManager
 
     if not tasks:
-        raise ValueError("tasks is empty; name at least one task, e.g. " + ", ".join(SUPPORTED_OFFLINE))
+        raise UserError("tasks is empty; name at least one task, e.g. " + ", ".join(SUPPORTED_OFFLINE))
     data_dir = data_dir or os.environ.get("PRUNESEARCH_DATA_DIR")
     if data_dir and num_fewshot:
-        raise ValueError(f"num_fewshot={num_fewshot} with a data_dir: offline tasks have no training split to draw "
-                         "shots from; use num_fewshot=0 or the hub tasks")
+        raise UserError(f"num_fewshot={num_fewshot} with a data_dir: offline tasks have no training split to draw "
+                        "shots from; use num_fewshot=0 or the hub tasks")
     protocol: dict[str, Any] = {"tasks": list(tasks), "limit": limit, "num_fewshot": num_fewshot,
                                 "bootstrap_iters": BOOTSTRAP_ITERS, "lm_eval_version": lm_eval.__version__}
     if data_dir:
@@ -257,8 +258,8 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], data_dir: str | Path | No
         from prunesearch.data import hub_reachable
 
         if not hub_reachable():
-            raise ValueError("zero-shot tasks need a data_dir (or PRUNESEARCH_DATA_DIR) with the offline task files, "
-                             "or a reachable Hugging Face hub for the stock tasks")
+            raise UserError("zero-shot tasks need a data_dir (or PRUNESEARCH_DATA_DIR) with the offline task files, "
+                            "or a reachable Hugging Face hub for the stock tasks")
         specs, manager, context = list(tasks), TaskManager(), _environ(DISABLE_MULTIPROC="1")
         protocol |= {"source": "hub", "task_dir": None}
     device = device or str(next(model.parameters()).device)

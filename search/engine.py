@@ -32,8 +32,8 @@ import torch
 from optuna.trial import TrialState
 
 from pruners.registry import layout
-from prunesearch.files import atomic_json, atomic_path, load_or_build
-from prunesearch.safety import RunLock, mark_output
+from prunesearch.files import atomic_json, atomic_path, load_or_build, read_json
+from prunesearch.safety import RunLock, UserError, mark_output
 from search import faults, storage as storages
 from search.samplers import allocation_key, make_sampler, param_name
 from search.levels import LevelDatabase, LevelRealizer
@@ -97,18 +97,18 @@ class SearchSettings:
     def validate(self) -> None:
         """Refuse settings that are wrong whatever the model, before anything is loaded or written."""
         if self.pruner not in PRUNERS:
-            raise ValueError(f"search pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
+            raise UserError(f"search pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
         if not 0 < self.level_step < 1:
-            raise ValueError(f"level step must be in (0, 1), got {self.level_step}")
+            raise UserError(f"level step must be in (0, 1), got {self.level_step}")
         if self.fitness not in ("kl", "ppl"):
-            raise ValueError(f"fitness must be kl or ppl, got {self.fitness!r}")
+            raise UserError(f"fitness must be kl or ppl, got {self.fitness!r}")
         if not 0 < self.low_fidelity_samples <= self.fitness_samples:
-            raise ValueError("need 0 < low-fidelity samples <= fitness samples")
+            raise UserError("need 0 < low-fidelity samples <= fitness samples")
         if self.multi_objective and self.sampler == "evo":
-            raise ValueError("the evolutionary sampler keeps one budget; a budget range needs nsga2, tpe or qmc")
+            raise UserError("the evolutionary sampler keeps one budget; a budget range needs nsga2, tpe or qmc")
         if self.multi_objective and self.pruner == "sparsegpt":
-            raise ValueError("the SparseGPT level database is built for one budget; a budget range needs wanda, "
-                             "magnitude or gblm")
+            raise UserError("the SparseGPT level database is built for one budget; a budget range needs wanda, "
+                            "magnitude or gblm")
         from pruners.masks import parse_pattern
         from search.space import check_budget_syntax
 
@@ -331,15 +331,17 @@ def check_run_folder(settings: SearchSettings, out: Path) -> None:
     path = out / "run_config.json"
     mine = settings.signature()
     if path.exists():
-        theirs = json.loads(path.read_text())
+        theirs = read_json(path, "run record")
+        if not isinstance(theirs, dict):
+            raise UserError(f"{path} is not a prunesearch run record; choose another --out")
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
-            raise ValueError(
+            raise UserError(
                 f"--out {out} holds a different study (settings differ in {', '.join(diff)}); "
                 f"choose another --out or repeat the original settings to resume"
             )
     elif out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} exists and is not a prunesearch run folder")
+        raise UserError(f"--out {out} exists and is not a prunesearch run folder")
     else:
         out.mkdir(parents=True, exist_ok=True)
         atomic_json(path, mine)
@@ -507,10 +509,10 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
     if trials is None and time_budget is None:
         trials = 100
     if workers < 1:
-        raise ValueError("--workers must be at least 1")
+        raise UserError("--workers must be at least 1")
     settings.validate()
     if guide is not None and settings.multi_objective:
-        raise ValueError("the accuracy predictor guides single-budget runs; a budget range needs --predictor off")
+        raise UserError("the accuracy predictor guides single-budget runs; a budget range needs --predictor off")
     storages.check_storage(storage)
     created, fresh = not out.exists(), not (out / "run_config.json").exists()
     check_run_folder(settings, out)

@@ -7,6 +7,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
+from prunesearch.safety import UserError
 from search.space import Space
 
 
@@ -105,4 +106,4 @@ def make_sampler(name: str, space: Space, seed: int, step: float = 0.02) -> optu
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
     if name == "evo":
         return BudgetNeutralEvolution(space, step=step, seed=seed)
-    raise ValueError(f"unknown sampler {name!r}; choose tpe, qmc, nsga2 or evo")
+    raise UserError(f"unknown sampler {name!r}; choose tpe, qmc, nsga2 or evo")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pruners.registry import ModelLayout
+from prunesearch.safety import UserError
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,9 @@ class Space:
 
     def __post_init__(self):
         if not 0.0 <= self.low <= self.high < 1.0:
-            raise ValueError(f"bounds must satisfy 0 <= min <= max < 1, got [{self.low}, {self.high}]")
+            raise UserError(f"bounds must satisfy 0 <= min <= max < 1, got [{self.low}, {self.high}]")
         if not self.low <= self.target <= self.high:
-            raise ValueError(
+            raise UserError(
                 f"budget sparsity {self.target:.4f} is infeasible inside the bounds [{self.low}, {self.high}]"
             )
 
@@ -136,7 +137,7 @@ def make_space(lay: ModelLayout, target: float, low: float, high: float, granula
         units = tuple(lay.projection_names())
         members = tuple((u,) for u in units)
     else:
-        raise ValueError(f"granularity must be 'block' or 'projection', got {granularity!r}")
+        raise UserError(f"granularity must be 'block' or 'projection', got {granularity!r}")
     sizes = np.array([sum(lay.numel(n) for n in m) for m in members], dtype=np.float64)
     blocks = tuple(lay.block_of(m[0]) for m in members)
     return Space(units, sizes, target, low, high, members, blocks)
@@ -147,12 +148,12 @@ def parse_budget(text: str, lay: ModelLayout, total_params: int) -> tuple[str, f
     sparsity over prunable weights that meets it. Returns (kind, value, target sparsity)."""
     kind, sep, value = text.partition("=")
     if not sep:
-        raise ValueError(f"budget must look like sparsity=0.7 or params=5M, got {text!r}")
+        raise UserError(f"budget must look like sparsity=0.7 or params=5M, got {text!r}")
     prunable = sum(lay.numel(n) for n in lay.projection_names())
     if kind == "sparsity":
         target = float(value)
         if not 0.0 <= target < 1.0:
-            raise ValueError(f"budget sparsity must be in [0, 1), got {target}")
+            raise UserError(f"budget sparsity must be in [0, 1), got {target}")
         return kind, target, target
     if kind == "params":
         scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(value[-1:].upper(), 1.0)
@@ -160,12 +161,12 @@ def parse_budget(text: str, lay: ModelLayout, total_params: int) -> tuple[str, f
         fixed = total_params - prunable
         target = 1.0 - (count - fixed) / prunable
         if not 0.0 <= target < 1.0:
-            raise ValueError(
+            raise UserError(
                 f"budget params={value} is infeasible: the model has {total_params:,} parameters of which "
                 f"{fixed:,} are not prunable"
             )
         return kind, count, target
-    raise ValueError(f"unknown budget kind {kind!r}; this version supports sparsity=… and params=…")
+    raise UserError(f"unknown budget kind {kind!r}; this version supports sparsity=… and params=…")
 
 
 def check_budget_syntax(text: str) -> None:
@@ -173,20 +174,20 @@ def check_budget_syntax(text: str) -> None:
     kind, sep, value = text.partition("=")
     ends = value.split(":")
     if not sep or len(ends) > 2 or not all(e.strip() for e in ends):
-        raise ValueError(f"budget must look like sparsity=0.7, params=5M or a range sparsity=0.6:0.8, got {text!r}")
+        raise UserError(f"budget must look like sparsity=0.7, params=5M or a range sparsity=0.6:0.8, got {text!r}")
     if kind not in ("sparsity", "params"):
-        raise ValueError(f"unknown budget kind {kind!r}; this version supports sparsity=… and params=…")
+        raise UserError(f"unknown budget kind {kind!r}; this version supports sparsity=… and params=…")
     for end in ends:
         number = end[:-1] if kind == "params" and end[-1:].upper() in ("K", "M", "B") else end
         try:
             v = float(number)
         except ValueError:
-            raise ValueError(f"budget {text!r}: {end!r} is not a number") from None
+            raise UserError(f"budget {text!r}: {end!r} is not a number") from None
         if not math.isfinite(v) or (kind == "sparsity" and not 0.0 <= v < 1.0) or (kind == "params" and v <= 0):
-            raise ValueError(f"budget {text!r}: {kind} must be " + ("in [0, 1)" if kind == "sparsity" else
-                                                                     "a positive count such as 4.5M"))
+            raise UserError(f"budget {text!r}: {kind} must be " + ("in [0, 1)" if kind == "sparsity" else
+                                                                    "a positive count such as 4.5M"))
     if len(ends) == 2 and ends[0] == ends[1]:
-        raise ValueError(f"budget range {text!r} has equal ends; give a single budget instead")
+        raise UserError(f"budget range {text!r} has equal ends; give a single budget instead")
 
 
 def parse_budget_range(text: str, lay: ModelLayout, total_params: int) -> tuple[str, str, tuple[float, float]]:
@@ -196,8 +197,8 @@ def parse_budget_range(text: str, lay: ModelLayout, total_params: int) -> tuple[
     kind, sep, value = text.partition("=")
     ends = value.split(":")
     if not sep or len(ends) > 2 or not all(ends):
-        raise ValueError(f"budget must look like sparsity=0.7, params=5M or a range sparsity=0.6:0.8, got {text!r}")
+        raise UserError(f"budget must look like sparsity=0.7, params=5M or a range sparsity=0.6:0.8, got {text!r}")
     targets = sorted(parse_budget(f"{kind}={end}", lay, total_params)[2] for end in ends)
     if len(ends) == 2 and targets[0] == targets[1]:
-        raise ValueError(f"budget range {text!r} has equal ends; give a single budget instead")
+        raise UserError(f"budget range {text!r} has equal ends; give a single budget instead")
     return kind, value, (targets[0], targets[-1])

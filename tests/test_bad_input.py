@@ -30,6 +30,20 @@ def world(tmp_path_factory, tiny_llama_dir, tiny_calib_file):
     model.save_pretrained(nan)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (nan / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    corrupt = root / "corrupt-weights"
+    corrupt.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    files = root / "user-files"  # files of the user's that no library can read
+    files.mkdir()
+    (files / "bad.yaml").write_text("sparsity: {0: 0.5\npattern: [")
+    (files / "latin1.json").write_bytes('{"sparsity": {"0": 0.5}, "note": "café"}'.encode("latin-1"))
+    (files / "latin1.txt").write_bytes("café au lait ".encode("latin-1") * 200)
+    (files / "trials.parquet").write_bytes(b"not a parquet file")
+    (files / "predictor.json").write_text('{"format": ')
+    (files / "record").mkdir()
+    (files / "record" / "run_config.json").write_text('{"model": ')
     mine = root / "my-folder"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
@@ -52,16 +66,22 @@ def world(tmp_path_factory, tiny_llama_dir, tiny_calib_file):
     lines[3] = lines[3][: len(lines[3]) // 2]  # damaged in the middle: not repairable by truncation
     (damaged / "study.journal").write_bytes(b"\n".join(lines))
     return {"root": root, "model": tiny_llama_dir, "calib": tiny_calib_file, "broken": broken, "nan": nan,
-            "mine": mine, "notes": root / "notes.txt", "run": run, "damaged": damaged, "home": home}
+            "mine": mine, "notes": root / "notes.txt", "run": run, "damaged": damaged, "home": home,
+            "corrupt": corrupt, "files": files}
 
 
 def _search(w, out, *extra, model=None):
     return search_argv(model or w["model"], w["calib"], out, *extra)
 
 
-def _prune(w, out, *extra, model=None):
+def _prune(w, out, *extra, model=None, calib=None):
     return ["prune", "--model", str(model or w["model"]), "--method", "wanda", "--sparsity", "0.5", "--calib",
-            str(w["calib"]), "--nsamples", "2", "--seqlen", "32", "--device", "cpu", "--out", str(out), *extra]
+            str(calib or w["calib"]), "--nsamples", "2", "--seqlen", "32", "--device", "cpu", "--out", str(out), *extra]
+
+
+def _prune_config(w, config):
+    return ["prune", "--model", str(w["model"]), "--method", "wanda", "--config", str(config), "--out",
+            str(w["root"] / "new")]
 
 
 # (case, argv builder, expected text in the one line)
@@ -123,6 +143,19 @@ CASES = [
     ("predictor retrain --overwrite of the user's folder",
      lambda w: ["predictor", "retrain", "--from", str(w["run"]), "--out", str(w["mine"]), "--overwrite"],
      "not written by prunesearch"),
+    # a library's error on a user's file, re-raised as one line naming the file
+    ("corrupt weights file", lambda w: _prune(w, w["root"] / "new", model=w["corrupt"]),
+     "its weights cannot be loaded"),
+    ("config that is not valid YAML", lambda w: _prune_config(w, w["files"] / "bad.yaml"), "is not valid YAML"),
+    ("config that is not UTF-8", lambda w: _prune_config(w, w["files"] / "latin1.json"), "cannot be read as text"),
+    ("calibration text that is not UTF-8", lambda w: _prune(w, w["root"] / "new", calib=w["files"] / "latin1.txt"),
+     "cannot be read as UTF-8 text"),
+    ("run record that is not JSON", lambda w: _search(w, w["files"] / "record"),
+     "run_config.json is not readable JSON"),
+    ("trials table that is not parquet", lambda w: ["export", "--run", str(w["files"]), "--out",
+                                                    str(w["root"] / "new.json")], "is not a readable parquet table"),
+    ("predictor record that is not JSON", lambda w: ["predictor", "evaluate", "--predictor", str(w["files"]), "--on",
+                                                     str(w["run"])], "predictor.json is not readable JSON"),
 ]
 
 
@@ -134,7 +167,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(world, case, argv, exp
     monkeypatch.setenv("PRUNESEARCH_CACHE", str(world["root"] / "cache"))
     args = [str(a) for a in argv(world)]
     watched = [world["root"] / name for name in ("cwd", "my-folder", "notes.txt", "run", "damaged", "home",
-                                                 "broken-config", "nan-model")]
+                                                 "broken-config", "nan-model", "corrupt-weights", "user-files")]
     before = folder_hash(*watched)
     listing = sorted(p.name for p in world["root"].iterdir())
     capsys.readouterr()

@@ -9,7 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import saved_tiny_model, tiny_model
+from prunesearch import report
 from prunesearch.cli import main
+from prunesearch.safety import UserError
 from pruners.registry import get_weight, layout
 
 
@@ -102,3 +104,47 @@ def test_eval_reports_perplexity_and_kl(model_dir, calib_file, tmp_path, capsys,
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["ppl"][str(calib_file)]["seqlen"] == 32
     assert 1.0 < result["ppl"][str(calib_file)]["ppl"] < 1e4
+
+
+@pytest.mark.parametrize("error", [ValueError("internal"), FileNotFoundError("internal"), KeyError("internal")])
+def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch, capsys, error):
+    """Only a UserError is a one-line usage error: a bug (a plain ValueError included) is not disguised as one."""
+    def build(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(report, "build", build)
+    with pytest.raises(type(error), match="internal") as raised:
+        main(["report", str(tmp_path)])
+    assert not isinstance(raised.value, UserError)
+    assert "prunesearch: error" not in capsys.readouterr().err
+
+
+def test_a_user_error_is_one_line_and_status_2(tmp_path, monkeypatch, capsys):
+    def build(*args, **kwargs):
+        raise UserError("run folder refused: the reason and the fix")
+
+    monkeypatch.setattr(report, "build", build)
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == ["prunesearch: error: run folder refused: the reason and the fix"]
+    monkeypatch.setenv("PRUNESEARCH_DEBUG", "1")  # the traceback on request
+    with pytest.raises(UserError, match="the reason and the fix"):
+        main(["report", str(tmp_path)])
+
+
+def test_library_errors_on_user_files_are_one_line(tmp_path, capsys):
+    """A damaged file the user points at is a one-line error naming it, not the reading library's traceback."""
+    assert "is not a finished search run (no trials.parquet)" in _refused(["report", str(tmp_path)], capsys)
+    (tmp_path / "trials.parquet").write_bytes(b"not parquet at all")
+    line = _refused(["export", "--run", str(tmp_path), "--out", str(tmp_path / "best.json")], capsys)
+    assert f"trials table {tmp_path / 'trials.parquet'} is not a readable parquet table" in line
+    predictor = tmp_path / "predictor"
+    predictor.mkdir()
+    (predictor / "predictor.json").write_text('{"format": ')
+    line = _refused(["predictor", "evaluate", "--predictor", str(predictor), "--on", str(tmp_path)], capsys)
+    assert "predictor.json is not readable JSON" in line
+    config = tmp_path / "bad.yaml"
+    config.write_text("sparsity: {0: 0.5\npattern: [")
+    line = _refused(["prune", "--method", "magnitude", "--config", str(config), "--out", str(tmp_path / "out")],
+                    capsys)
+    assert "is not valid YAML" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "predictor", "trials.parquet"]

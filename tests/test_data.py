@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from prunesearch import data
+from prunesearch.safety import UserError
 
 WORDS = ("pruning sparse weight layer model token search budget error sample window calibration held out "
          "document stream random seed quick brown fox lazy dog").split()
@@ -164,7 +165,7 @@ def test_folder_without_a_file_falls_back_to_bundled(tiny_tokenizer, tmp_path):
     record = data.describe("c4", tmp_path / "only_ptb")
     assert record["calibration"]["origin"] == record["heldout"]["origin"] == "bundled"
     assert data.describe("wikitext2", tmp_path / "only_ptb", role="evaluation")["origin"] == "bundled"
-    with pytest.raises(FileNotFoundError, match="ptb/ptb.valid.txt"):
+    with pytest.raises(UserError, match="ptb/ptb.valid.txt"):
         data.calibration_ids(tiny_tokenizer, "ptb", 2, 8, data_dir=tmp_path / "only_ptb")
 
 
@@ -242,19 +243,20 @@ def test_token_cache_is_reused_and_keyed_by_tokenizer_and_file(tiny_tokenizer, t
 
 
 @pytest.mark.parametrize("call,error,message", [
-    (lambda t: data.eval_ids(t, "wikitext3"), ValueError, "unknown dataset 'wikitext3'; give c4, wikitext2, ptb"),
-    (lambda t: data.eval_ids(t, "missing/file.txt"), FileNotFoundError, "does not exist"),
-    (lambda t: data.calibration_ids(t, "c4", 2, 64, data_dir="/no/such/folder"), FileNotFoundError,
+    (lambda t: data.eval_ids(t, "wikitext3"), UserError, "unknown dataset 'wikitext3'; give c4, wikitext2, ptb"),
+    (lambda t: data.eval_ids(t, "missing/file.txt"), UserError, "does not exist"),
+    (lambda t: data.calibration_ids(t, "c4", 2, 64, data_dir="/no/such/folder"), UserError,
      "data folder /no/such/folder does not exist"),
-    (lambda t: data.calibration_ids(t, "wikitext2", 2, 64), FileNotFoundError, "--data-dir"),
-    (lambda t: data.eval_ids(t, "ptb"), FileNotFoundError, "no data folder was given"),
-    (lambda t: data.heldout_ids(t, 2, 10 ** 6), ValueError, "no document of c4 .* is longer than 1000000 tokens"),
-    (lambda t: data.calibration_ids(t, "c4", 0, 64), ValueError, "nsamples must be at least 1"),
-    (lambda t: data.describe("c4", role="training"), ValueError, "role must be one of"),
+    (lambda t: data.calibration_ids(t, "wikitext2", 2, 64), UserError, "--data-dir"),
+    (lambda t: data.eval_ids(t, "ptb"), UserError, "no data folder was given"),
+    (lambda t: data.heldout_ids(t, 2, 10 ** 6), UserError, "no document of c4 .* is longer than 1000000 tokens"),
+    (lambda t: data.calibration_ids(t, "c4", 0, 64), UserError, "nsamples must be at least 1"),
+    (lambda t: data.describe("c4", role="training"), ValueError, "role must be one of"),  # a caller's bug
 ])
 def test_bad_input_is_a_clear_error(tiny_tokenizer, call, error, message):
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as raised:
         call(tiny_tokenizer)
+    assert isinstance(raised.value, UserError) == (error is UserError)
 
 
 def test_bad_local_files_are_clear_errors(tiny_tokenizer, tmp_path, monkeypatch):
@@ -270,8 +272,12 @@ def test_bad_local_files_are_clear_errors(tiny_tokenizer, tmp_path, monkeypatch)
     csv.write_text("a,b\n")
     with pytest.raises(ValueError, match=r"must end in \.txt .* or \.jsonl"):
         data.eval_ids(tiny_tokenizer, str(csv))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café ".encode("latin-1") * 50)
+    with pytest.raises(UserError, match="latin1.txt cannot be read as UTF-8 text"):
+        data.eval_ids(tiny_tokenizer, str(latin1))
     monkeypatch.setenv("PRUNESEARCH_DATA_DIR", str(tmp_path / "absent"))
-    with pytest.raises(FileNotFoundError, match="absent does not exist"):
+    with pytest.raises(UserError, match="absent does not exist"):
         data.describe("c4")
 
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prunesearch import data
 from prunesearch import default_model as dm
 from prunesearch.evaluate import perplexity
+from prunesearch.safety import UserError
 
 QUICK_STEPS = 3
 
@@ -125,7 +126,7 @@ def test_a_foreign_folder_is_never_overwritten(cache, monkeypatch):
     folder = dm.default_model_dir(steps=QUICK_STEPS)
     (folder / "notes.txt").write_text("not a model")
     monkeypatch.setattr(dm, "_build", lambda tmp, *args: (tmp / "build_report.json").write_text("{}"))
-    with pytest.raises(FileExistsError, match="no build_report.json; delete that folder"):
+    with pytest.raises(UserError, match="no build_report.json; delete that folder"):
         dm.ensure_default_model(progress=False, steps=QUICK_STEPS)
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
     assert _entries(cache) == [folder.name]

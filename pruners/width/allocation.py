@@ -9,6 +9,7 @@ import torch
 from pruners.width.counting import Shapes
 from pruners.width.geometry import BlockWidth, Geometry
 from pruners.width.importance import Importance
+from prunesearch.safety import UserError
 
 
 def _kept(n: int, share: float) -> int:
@@ -18,7 +19,7 @@ def _kept(n: int, share: float) -> int:
 def uniform(geom: Geometry, share: float) -> list[BlockWidth]:
     """Every block keeps ``share`` of its key/value groups and MLP channels (rounded, at least one of each)."""
     if not 0 < share <= 1:
-        raise ValueError(f"--width is the share of heads and channels kept, in (0, 1]; got {share}")
+        raise UserError(f"--width is the share of heads and channels kept, in (0, 1]; got {share}")
     out = []
     for w in geom.widths:
         kv = _kept(w.kv_heads, share)
@@ -32,16 +33,16 @@ def from_config(geom: Geometry, section: dict) -> list[BlockWidth]:
     out = list(geom.widths)
     for key, spec in section.items():
         if not str(key).isdigit() or int(key) >= len(out):
-            raise ValueError(f"width config: {key!r} is not a block index below {len(out)}")
+            raise UserError(f"width config: {key!r} is not a block index below {len(out)}")
         if not isinstance(spec, dict) or set(spec) - {"heads", "intermediate"}:
-            raise ValueError(f"width config: block {key} must be an object with heads and/or intermediate")
+            raise UserError(f"width config: block {key} must be an object with heads and/or intermediate")
         i, w = int(key), out[int(key)]
         heads, inter = spec.get("heads", w.heads), spec.get("intermediate", w.intermediate)
         if not isinstance(heads, int) or not 0 < heads <= w.heads or heads % geom.group:
-            raise ValueError(f"width config: block {i} heads must be a multiple of {geom.group} (query heads per "
-                             f"key/value head) in [{geom.group}, {w.heads}], got {heads!r}")
+            raise UserError(f"width config: block {i} heads must be a multiple of {geom.group} (query heads per "
+                            f"key/value head) in [{geom.group}, {w.heads}], got {heads!r}")
         if not isinstance(inter, int) or not 0 < inter <= w.intermediate:
-            raise ValueError(f"width config: block {i} intermediate must be in [1, {w.intermediate}], got {inter!r}")
+            raise UserError(f"width config: block {i} intermediate must be in [1, {w.intermediate}], got {inter!r}")
         out[i] = BlockWidth(heads, heads // geom.group, inter)
     return out
 
@@ -57,7 +58,7 @@ def global_ranking(geom: Geometry, imp: Importance, s: Shapes, removed_share: fl
     remove the lowest-scoring units model-wide until ``removed_share`` of the blocks' parameters is gone (every block
     keeps at least one group and one channel)."""
     if not 0 <= removed_share < 1:
-        raise ValueError(f"share of block parameters to remove must be in [0, 1), got {removed_share}")
+        raise UserError(f"share of block parameters to remove must be in [0, 1), got {removed_share}")
     units = [(score.item(), i, "group") for i, ss in enumerate(_standardized(imp.groups)) for score in ss]
     units += [(score.item(), i, "channel") for i, ss in enumerate(_standardized(imp.channels)) for score in ss]
     units.sort(key=lambda u: u[0])
@@ -81,7 +82,7 @@ def uniform_params(geom: Geometry, s: Shapes, removed_share: float) -> list[Bloc
     share 1 - removed_share, key/value groups rounded, and the channels then set so the block hits the target
     (rounded up: at most one channel's parameters short of it)."""
     if not 0 <= removed_share < 1:
-        raise ValueError(f"share of block parameters to remove must be in [0, 1), got {removed_share}")
+        raise UserError(f"share of block parameters to remove must be in [0, 1), got {removed_share}")
     out = []
     for w in geom.widths:
         kv = _kept(w.kv_heads, 1 - removed_share)

@@ -21,6 +21,7 @@ from torch import nn
 from pruners.registry import get_weight
 from pruners.walker import run_block, walk
 from pruners.width.geometry import Geometry, geometry, sub
+from prunesearch.safety import UserError
 
 METRICS = ("wanda", "flap")
 
@@ -92,7 +93,7 @@ def importance(model: nn.Module, calib_ids: torch.Tensor, metric: str = "flap", 
                batch_size: int = 8, geom: Geometry | None = None) -> Importance:
     """Score every key/value group and MLP channel of ``model`` on ``calib_ids`` (the model is not changed)."""
     if metric not in METRICS:
-        raise ValueError(f"unknown width score {metric!r}; choose one of {', '.join(METRICS)}")
+        raise UserError(f"unknown width score {metric!r}; choose one of {', '.join(METRICS)}")
     geom = geom or geometry(model)
     result = Importance(metric, [], [], [])
 

@@ -13,6 +13,7 @@ from torch import nn
 from pruners.registry import Conv1D, get_weight
 from pruners.width.geometry import BlockWidth, Geometry, replace, sub
 from pruners.width.importance import Importance
+from prunesearch.safety import UserError
 
 
 def _rebuilt(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -61,8 +62,8 @@ def require_bias(geom: Geometry) -> None:
     config flags can give them some (``bias_flags`` in pruners/registry.py)."""
     flags = geom.layout.bias_flags
     if _lacking_bias(geom) and not (flags and all(hasattr(geom.config, f) for f in flags)):
-        raise ValueError(f"bias compensation needs biases on the attention output and MLP down projections; "
-                         f"{geom.config.model_type} models have none and cannot add them, so it is unavailable there")
+        raise UserError(f"bias compensation needs biases on the attention output and MLP down projections; "
+                        f"{geom.config.model_type} models have none and cannot add them, so it is unavailable there")
 
 
 def add_biases(geom: Geometry) -> None:
