@@ -43,7 +43,7 @@ class SpaceRecord:
 
     @classmethod
     def from_workspace(cls, ws) -> SpaceRecord:
-        """The record of a ``search.engine.Workspace``."""
+        """The record of a ``search.workspace.Workspace``."""
         sp = ws.space
         attention = [sum(ws.lay.numel(n) for n in members if ws.lay.kind_of(n) == "attention")
                      for members in sp.members]

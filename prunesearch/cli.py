@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "budget range); rounds are logged to --out/predictor_rounds.jsonl and the final predictor "
                         "saved in --out/predictor")
     p.add_argument("--predictor-init", help="warm-start from a predictor folder (`prunesearch predictor retrain`)")
-    # calibration size and seqlen follow the model and device unless given (search.engine.EFFORT)
+    # calibration size and seqlen follow the model and device unless given (search.settings.EFFORT)
     p.set_defaults(func=cmd_search, nsamples=None)
 
     p = sub.add_parser("ast", help="train a sparse model with AST (adaptive masks, SR-STE, distillation, SLoRB)",
@@ -451,7 +451,8 @@ def parse_duration(text: str) -> float:
 
 def cmd_search(args) -> int:
     from prunesearch.models import resolve_device
-    from search.engine import SearchSettings, default_effort, run_search
+    from search.settings import SearchSettings, default_effort
+    from search.study import run_search
     from search.preflight import check_search_args
 
     check_search_args(args)  # storage, budget, pattern, out, numbers: before the model loads

@@ -13,7 +13,7 @@ import yaml
 from prunesearch.files import read_json, read_parquet
 from prunesearch.safety import UserError
 
-# trials.parquet columns that describe how every fitness of a run was measured (see search.engine.trials_frame)
+# trials.parquet columns that describe how every fitness of a run was measured (see search.results.trials_frame)
 PROTOCOL = ("model", "budget", "pattern", "granularity", "pruner", "fitness_kind", "fitness_data", "fitness_samples",
             "low_fidelity_samples", "seqlen", "calib", "nsamples", "seed")
 MODIFIERS = {"sparsegpt": "SparseGPTModifier", "wanda": "WandaPruningModifier"}

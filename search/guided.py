@@ -138,7 +138,7 @@ def load_init(path: str, spec: dict) -> FitnessPredictor:
 
 
 class Guide:
-    """The guided loop as the engine's optimize hook: ``Guide(config)(study, ws, trials, deadline, progress)``."""
+    """The guided loop as ``run_search``'s optimize hook: ``Guide(config)(study, ws, trials, deadline, progress)``."""
 
     def __init__(self, config: GuideConfig | None = None):
         self.config = config or GuideConfig()

@@ -1,0 +1,91 @@
+"""The settings that define a study (``SearchSettings``), checked once before anything loads, and the defaults a
+search measures with when the user gives none (``EFFORT``, the per-unit bounds, the budget-range levels)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+from prunesearch.safety import UserError
+
+LEVEL_PARAM = "budget_level"  # a multi-objective trial's budget: level k of RANGE_LEVELS steps across the range
+RANGE_LEVELS = 20
+PRUNERS = ("wanda", "magnitude", "gblm", "sparsegpt")
+# Default per-unit bounds: budget ± BOUND_WIDTH, inside [0, 0.99]. The best allocations of a real model span wide:
+# SmolLM2-135M at 70% wants ~0.4 in the first blocks and ~0.9 in the last (a ± 0.2 box cut that optimum off).
+BOUND_WIDTH = 0.35
+
+
+# Measurement effort when the user gives none. A real model on CPU gets short sequences and few of them: on
+# SmolLM2-135M with 2 cores a forward of 8 x 256 tokens takes seconds, and benchmarks/search_cost.py shows how few
+# fitness sequences still rank candidates as the full set does. The built-in model and GPUs keep the full protocol.
+EFFORT = {
+    "builtin": {"nsamples": 128, "fitness_samples": 32, "low_fidelity_samples": 8},
+    "gpu": {"nsamples": 128, "fitness_samples": 32, "low_fidelity_samples": 8},
+    "cpu": {"seqlen": 256, "nsamples": 32, "fitness_samples": 16, "low_fidelity_samples": 4},
+}
+
+
+def default_effort(builtin: bool, device: str) -> dict:
+    """The calibration and fitness sizes a search uses unless told otherwise (see ``EFFORT``)."""
+    return dict(EFFORT["builtin" if builtin else "gpu" if device.startswith("cuda") else "cpu"])
+
+
+@dataclass
+class SearchSettings:
+    """Everything that defines a study; two runs with equal settings are the same study."""
+
+    model: str | None = None
+    budget: str = "sparsity=0.7"
+    pattern: str = "unstructured"
+    granularity: str = "block"
+    pruner: str = "wanda"
+    fitness: str = "kl"
+    sampler: str = "tpe"
+    min_sparsity: float | None = None
+    max_sparsity: float | None = None
+    calib: str = "c4"
+    nsamples: int = 128
+    seqlen: int | None = None
+    seed: int = 0
+    fitness_samples: int = 32
+    low_fidelity_samples: int = 8
+    prune_percentile: float = 50.0
+    data_dir: str | None = None
+    level_step: float = 0.025
+
+    @property
+    def multi_objective(self) -> bool:
+        """A budget range: fitness and sparsity are both objectives (NSGA-II by default)."""
+        return ":" in self.budget
+
+    def validate(self) -> None:
+        """Refuse settings that are wrong whatever the model, before anything is loaded or written."""
+        if self.pruner not in PRUNERS:
+            raise UserError(f"search pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
+        if not 0 < self.level_step < 1:
+            raise UserError(f"level step must be in (0, 1), got {self.level_step}")
+        if self.fitness not in ("kl", "ppl"):
+            raise UserError(f"fitness must be kl or ppl, got {self.fitness!r}")
+        if not 0 < self.low_fidelity_samples <= self.fitness_samples:
+            raise UserError("need 0 < low-fidelity samples <= fitness samples")
+        if self.multi_objective and self.sampler == "evo":
+            raise UserError("the evolutionary sampler keeps one budget; a budget range needs nsga2, tpe or qmc")
+        if self.multi_objective and self.pruner == "sparsegpt":
+            raise UserError("the SparseGPT level database is built for one budget; a budget range needs wanda, "
+                            "magnitude or gblm")
+        from pruners.masks import parse_pattern
+        from search.space import check_budget_syntax
+
+        parse_pattern(self.pattern)
+        check_budget_syntax(self.budget)
+
+    def signature(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def key(self, *fields: str) -> str:
+        """A short hash of some settings, naming the cache files that depend on exactly those."""
+        sig = self.signature()
+        return hashlib.sha256(json.dumps({f: sig[f] for f in fields}, sort_keys=True).encode()).hexdigest()[:12]

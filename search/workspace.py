@@ -1,0 +1,206 @@
+"""What one search process holds (``Workspace``): the model, the space and its bounds, the pruner's ranks or
+SparseGPT level database and the dense reference; it realizes an allocation and measures its fitness (a trial's
+objective)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+
+from pruners.registry import layout
+from prunesearch.files import load_or_build
+from search import faults, storage as storages
+from search.levels import LevelDatabase, LevelRealizer
+from search.samplers import allocation_key, param_name
+from search.scores import Realizer, ScoreCache
+from search.settings import BOUND_WIDTH, LEVEL_PARAM, RANGE_LEVELS, SearchSettings
+from search.space import Space, make_space, parse_budget_range
+
+log = logging.getLogger("prunesearch.search")
+
+
+class Workspace:
+    """What one search process needs in memory: model, space, ranks, reference, and the fitness."""
+
+    def __init__(self, settings: SearchSettings, out: Path, device: str = "cpu", batch_size: int = 8,
+                 cache_dir: Path | None = None):
+        from prunesearch import data
+        from prunesearch.evaluate import DenseReference
+        from prunesearch.models import default_seqlen, describe_model, load_model
+        from pruners.masks import parse_pattern
+
+        settings.validate()
+        self.settings, self.out, self.batch_size = settings, out, batch_size
+        self.model, self.tokenizer, self.source = load_model(settings.model, device)
+        self.model_protocol = describe_model(self.source)
+        self.lay = layout(self.model)
+        self.seqlen = default_seqlen(self.model, settings.seqlen, builtin=settings.model is None)
+        self.total_params = sum(p.numel() for p in self.model.parameters())
+        self.budget_kind, _, self.target_range = parse_budget_range(settings.budget, self.lay, self.total_params)
+        self.multi = settings.multi_objective
+        t_low, t_high = self.target_range
+        low = settings.min_sparsity if settings.min_sparsity is not None else max(0.0, t_low - BOUND_WIDTH)
+        high = settings.max_sparsity if settings.max_sparsity is not None else min(0.99, t_high + BOUND_WIDTH)
+        self.space = make_space(self.lay, t_low, low, high, settings.granularity)
+        self.space_at(t_high)  # both ends of a range must be feasible inside the bounds
+        self.m = parse_pattern(settings.pattern)
+        if self.m:
+            from pruners.masks import check_pattern_fits_layout
+
+            check_pattern_fits_layout(self.lay, self.m)
+        cache = Path(cache_dir) if cache_dir is not None else out / "cache"  # --cache-dir: shared by workers
+        cache.mkdir(parents=True, exist_ok=True)
+        self.cache = cache
+        self.calib_protocol = data.describe(settings.calib, settings.data_dir)
+        self.heldout_protocol = data.describe("c4", settings.data_dir)
+
+        if settings.pruner == "sparsegpt":
+            self.scores = self._level_database(cache, device, batch_size)
+            self.realizer = LevelRealizer(self.lay, self.scores)
+        else:
+            key = settings.key("model", "pruner", "pattern", "calib", "nsamples", "seqlen", "seed", "data_dir")
+            path = cache / f"scores-{key}.safetensors"
+
+            def build() -> ScoreCache:
+                t = time.perf_counter()
+                scores = ScoreCache.build(self.model, self.lay, settings.pruner, self.m, self.calibration_ids(),
+                                          device, batch_size)
+                log.info("ranked all weights in %.1fs", time.perf_counter() - t)
+                return scores
+
+            self.scores = load_or_build(path, ScoreCache.load, build, lambda c, tmp: c.save(tmp), "score cache")
+            self.realizer = Realizer(self.lay, self.scores)
+
+        self.heldout = data.heldout_ids(self.tokenizer, settings.fitness_samples, self.seqlen, settings.seed,
+                                        settings.data_dir)
+        ref_key = settings.key("model", "fitness_samples", "seqlen", "seed", "data_dir")
+        ref_path = cache / f"reference-{ref_key}.safetensors"
+        if settings.fitness == "kl":
+            self.reference = DenseReference.cached(ref_path, self.model, self.heldout, batch_size)
+
+    def calibration_ids(self) -> torch.Tensor:
+        """The calibration sequences the pruner's statistics come from (also used to realize the report)."""
+        from prunesearch import data
+
+        s = self.settings
+        return data.calibration_ids(self.tokenizer, s.calib, s.nsamples, self.seqlen, s.seed, s.data_dir)
+
+    def _level_database(self, cache: Path, device: str, batch_size: int) -> LevelDatabase:
+        """Load or build the SparseGPT level database of this space (levels on the grid ``allocation`` snaps to)."""
+        s = self.settings
+        key = s.key("model", "pattern", "calib", "nsamples", "seqlen", "seed", "data_dir", "budget", "granularity",
+                    "min_sparsity", "max_sparsity", "level_step")
+        return load_or_build(cache / f"levels-{key}", LevelDatabase, lambda: self._build_levels(device, batch_size),
+                             lambda db, tmp: db.move(tmp), "SparseGPT level database")
+
+    def _build_levels(self, device: str, batch_size: int) -> LevelDatabase:
+        import tempfile
+
+        s = self.settings
+        if self.m:
+            grid = [k / self.m for k in range(self.m) if self.space.low - 1e-9 <= k / self.m <= self.space.high + 1e-9]
+            unit_levels = [grid] * self.space.dim
+        else:
+            unit_levels = [lv.tolist() for lv in self.space.levels(s.level_step)]
+        levels = {name: lv for unit, lv in zip(self.space.members, unit_levels) for name in unit}
+        t = time.perf_counter()
+        folder = Path(tempfile.mkdtemp(prefix=".levels-building-", dir=self.cache)) / "db"
+        db = LevelDatabase.build(self.model, self.lay, levels, self.m, self.calibration_ids(), folder, device,
+                                 batch_size)
+        log.info("built the SparseGPT level database (%d levels per unit at most) in %.1fs",
+                 max(map(len, unit_levels)), time.perf_counter() - t)
+        return db
+
+    def space_at(self, target: float | None) -> Space:
+        """The space whose budget is ``target`` (a multi-objective trial's own budget); the run's space for None."""
+        return self.space if target is None else dataclasses.replace(self.space, target=float(target))
+
+    def range_target(self, level: int) -> float:
+        """The budget sparsity of level ``level`` (0 … RANGE_LEVELS) of a budget range."""
+        low, high = self.target_range
+        return low + (high - low) * level / RANGE_LEVELS
+
+    def nonzero_params(self, alloc: np.ndarray) -> int:
+        """Nonzero parameters of the whole model under an allocation (what a ``params=`` budget counts)."""
+        return round(self.total_params - float(np.dot(self.space.sizes, alloc)))
+
+    def allocation(self, x: np.ndarray, target: float | None = None) -> np.ndarray:
+        """The effective allocation of sampled values: on the budget (``target`` for a multi-objective trial),
+        inside the bounds, on the N:M grid (or, for the SparseGPT database, on its level grid)."""
+        space = self.space_at(target)
+        alloc = space.project(x)
+        if self.m:
+            return space.snap(alloc, self.m)
+        if self.settings.pruner == "sparsegpt":
+            return space.snap_levels(alloc, self.settings.level_step)
+        return alloc
+
+    def realize(self, alloc: np.ndarray) -> None:
+        self.realizer.apply(self.space.to_targets(alloc))
+
+    def _fitness_sum(self, start: int, stop: int) -> tuple[float, int]:
+        if self.settings.fitness == "kl":
+            return self.reference.kl_sum(self.model, start, stop, self.batch_size)
+        from prunesearch.evaluate import window_nll
+
+        nll = window_nll(self.model, self.heldout[start:stop], self.batch_size)
+        return float(nll.sum()) * (self.seqlen - 1), nll.numel() * (self.seqlen - 1)
+
+    def _value(self, total: float, count: int) -> float:
+        mean = total / count
+        return mean if self.settings.fitness == "kl" else math.exp(mean)
+
+    def measure(self, alloc: np.ndarray, trial: optuna.Trial | None = None) -> dict:
+        """Realize and score an allocation at both fidelities; a ``trial`` may be pruned after the first."""
+        self.realize(alloc)
+        n_low = self.settings.low_fidelity_samples
+        low_sum, low_count = self._fitness_sum(0, n_low)
+        low = self._value(low_sum, low_count)
+        if trial is not None:
+            trial.report(low, step=0)
+            if trial.should_prune():
+                raise optuna.TrialPruned
+        rest_sum, rest_count = self._fitness_sum(n_low, self.heldout.shape[0])
+        return {"fitness_low": low, "fitness": self._value(low_sum + rest_sum, low_count + rest_count)}
+
+    def objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        """Fitness of the trial's allocation; with a budget range, (fitness, sparsity). A non-finite fitness or
+        an out-of-memory error fails the trial with its reason recorded (``search.faults``)."""
+        return faults.guarded(self._objective, trial, self.multi, getattr(self, "stop_rule", None))
+
+    def _objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        t = time.perf_counter()
+        x = np.array([trial.suggest_float(param_name(u), self.space.low, self.space.high) for u in self.space.units])
+        target = self.range_target(trial.suggest_int(LEVEL_PARAM, 0, RANGE_LEVELS)) if self.multi else None
+        alloc = self.allocation(x, target)
+        sparsity = self.space.mean(alloc)
+        trial.set_user_attr("allocation", alloc.tolist())
+        trial.set_user_attr("budget_sparsity", sparsity)
+        twin = _measured_twin(trial, alloc)
+        if twin is not None:  # the same effective allocation was measured already: reuse, do not re-measure
+            trial.set_user_attr("duplicate_of", twin.number)
+            trial.set_user_attr("fitness_low", twin.user_attrs.get("fitness_low"))
+            trial.set_user_attr("wall_s", time.perf_counter() - t)
+            return tuple(twin.values) if self.multi else twin.value
+        # seeds and predictor-chosen trials are always measured in full; multi-objective studies cannot prune
+        full = "seed" in trial.user_attrs or "guide" in trial.user_attrs or self.multi
+        try:
+            result = self.measure(alloc, None if full else trial)
+        finally:
+            trial.set_user_attr("wall_s", time.perf_counter() - t)
+        trial.set_user_attr("fitness_low", result["fitness_low"])
+        # rounded so that allocations on the same budget level tie exactly instead of by float noise
+        return (result["fitness"], round(sparsity, 9)) if self.multi else result["fitness"]
+
+
+def _measured_twin(trial: optuna.Trial, alloc: np.ndarray) -> optuna.trial.FrozenTrial | None:
+    """A completed trial of the study with the same effective allocation, if any (waiting for one that another
+    worker is measuring now)."""
+    return storages.measured_twin(trial, allocation_key(alloc))
