@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prunesearch import cli
-from prunesearch.cli import UsageError
+from prunesearch.commands.common import UsageError, log, perplexities, print_sparsity
+from prunesearch.commands.options import add_calib_options, add_model_options
+from prunesearch.safety import check_out
 
 
 def add_commands(sub) -> None:
@@ -43,8 +44,8 @@ def add_commands(sub) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="search run folder (its best_config.json)")
     which.add_argument("--config", help="a config file (export output, best_config.json, pareto/*.json)")
-    cli._add_model_options(p)
-    cli._add_calib_options(p)
+    add_model_options(p)
+    add_calib_options(p)
     p.add_argument("--method", required=True, choices=["sparsegpt", "sparsellm", "gblm", "wanda", "magnitude"])
     p.add_argument("--wbits", type=int, help="SparseGPT only: also quantize the kept weights to this many bits")
     p.add_argument("--ppl", default="wikitext2,ptb", help="report datasets for perplexity (default: wikitext2,ptb; "
@@ -105,7 +106,7 @@ def cmd_realize(args: argparse.Namespace) -> int:
     from prunesearch.pruning import PruneJob, run_prune, save_folder
     from prunesearch.realize import check_eval_data, load_choice, realize_report
 
-    out = cli._check_out(args.out, args.overwrite)
+    out = check_out(args.out, args.overwrite)
     if args.wbits is not None and (args.method != "sparsegpt" or not 2 <= args.wbits <= 8):
         raise UsageError("--wbits takes 2..8 and only works with --method sparsegpt")
     if args.nsamples < 1:
@@ -116,7 +117,7 @@ def cmd_realize(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     job = PruneJob(config, args.method, {"wbits": args.wbits}, args.model or meta.get("model"), device, args.dtype,
                    args.calib, args.nsamples, args.seed, args.seqlen, args.batch_size, args.data_dir)
-    model, tokenizer, report = run_prune(job, cli._log)
+    model, tokenizer, report = run_prune(job, log)
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
@@ -129,7 +130,7 @@ def cmd_realize(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     evaluation = {"eval_protocol": {"datasets": datasets, "tasks": args.tasks.split(",") if args.tasks else [],
                                     "limit": args.limit, "seqlen": seqlen, "batch_size": args.batch_size}}
-    evaluation["ppl"] = cli._perplexities(model, tokenizer, datasets, seqlen, args) if datasets else {}
+    evaluation["ppl"] = perplexities(model, tokenizer, datasets, seqlen, args) if datasets else {}
     if args.tasks:
         from prunesearch.zeroshot import evaluate_tasks
 
@@ -138,7 +139,7 @@ def cmd_realize(args: argparse.Namespace) -> int:
     report["timings_s"]["evaluate"] = time.perf_counter() - t
     result = realize_report(report, meta, origin, args.format, evaluation)
     (out / "realize_report.json").write_text(json.dumps(result, indent=2))
-    cli._print_sparsity(report["layers"])
+    print_sparsity(report["layers"])
     ppl = ", ".join(f"{d} {v['ppl']:.3f}" for d, v in evaluation["ppl"].items())
     print(f"realized with {args.method}: global sparsity {report['global_sparsity']:.4f}"
           f"{'; ppl ' + ppl if ppl else ''}; saved to {out}")

@@ -1,0 +1,112 @@
+"""The ``search`` command: settings from the command line, the run (``search.study.run_search``) and its summary
+table (best allocation or Pareto front against the heuristic seeds)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from prunesearch.commands.common import UsageError
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``2h`` or plain seconds → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise UsageError(f"--time-budget must look like 90s, 30m or 2h, got {text!r}") from None
+    if value <= 0:
+        raise UsageError("--time-budget must be positive")
+    return value
+
+
+def cmd_search(args) -> int:
+    from prunesearch.models import resolve_device
+    from search.preflight import check_search_args
+    from search.settings import SearchSettings, default_effort
+    from search.study import run_search
+
+    check_search_args(args)  # storage, budget, pattern, out, numbers: before the model loads
+    multi = ":" in args.budget
+    device = resolve_device(args.device)
+    given = {"seqlen": args.seqlen, "nsamples": args.nsamples, "fitness_samples": args.fitness_samples,
+             "low_fidelity_samples": args.low_fidelity_samples}
+    effort = default_effort(args.model is None, device) | {k: v for k, v in given.items() if v is not None}
+    settings = SearchSettings(
+        model=args.model, budget=args.budget, pattern=args.pattern, granularity=args.granularity,
+        pruner=args.pruner, fitness=args.fitness, sampler=args.sampler or ("nsga2" if multi else "tpe"),
+        min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, calib=args.calib, seed=args.seed,
+        data_dir=args.data_dir, level_step=args.level_step, **effort,
+    )
+    time_budget = parse_duration(args.time_budget) if args.time_budget else None
+    out = Path(args.out)
+    guide = None
+    if (args.predictor or ("off" if multi else "on")) == "on":
+        from search.guided import Guide, GuideConfig
+
+        guide = Guide(GuideConfig(init=args.predictor_init))
+    elif args.predictor_init:
+        raise UsageError("--predictor-init needs --predictor on")
+    summary = run_search(settings, out, args.trials, time_budget, args.workers, args.storage, args.study,
+                         device, args.batch_size, tuple(d for d in args.report_ppl.split(",") if d),
+                         args.report_limit or None, not args.quiet, guide, args.cache_dir and Path(args.cache_dir),
+                         args.heartbeat)
+    if summary.get("stopped"):
+        print(f"prunesearch: {summary['stopped']}; the trials so far are kept in {out}", file=sys.stderr)
+        return 1
+    _print_summary(summary, out)
+    return 130 if summary.get("interrupted") else 0
+
+
+def _report_columns(summary: dict) -> tuple[list[str], Callable[[str], str]]:
+    """Header cells and a row formatter for the report data (KL to dense and PPL per dataset) of a summary."""
+    ppl, kl = summary.get("report_ppl", {}), summary.get("report_kl", {})
+    datasets = list(next(iter(ppl.values()), {}))
+    header = [f"{d + ' ' + m:>16}" for d in datasets for m in ("kl", "ppl")]
+
+    def cells(label: str) -> str:
+        if label not in ppl:
+            return " ".join(f"{'':>16}" for _ in header)
+        return " ".join(f"{kl[label][d]:>16.5f} {ppl[label][d]:>16.3f}" for d in datasets)
+
+    return header, cells
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    if summary.get("best", 0) is None:
+        print(f"no trial completed; everything so far is kept in {out}")
+        return
+    if "front" in summary:
+        _print_front(summary, out)
+        return
+    kind = summary["fitness_kind"]
+    header, cells = _report_columns(summary)
+    print(f"\n{'allocation':<14} {kind + ' (search data)':>20} " + " ".join(header))
+    rows = [("best", summary["best"]["fitness"])] + [(k, v["fitness"]) for k, v in summary["seeds"].items()]
+    for label, fit in rows:
+        print(f"{label:<14} {fit:>20.5f} " + cells(label))
+    alloc = ", ".join(f"{k}: {v:.3f}" for k, v in summary["best"]["allocation"].items())
+    print(f"best ({summary['best']['label']}, trial {summary['best']['trial']}): {alloc}")
+    print(f"{summary['trials']} trials ({summary['pruned']} stopped early at low fidelity), "
+          f"median trial {summary['median_trial_s']:.2f}s; results in {out}")
+
+
+def _print_front(summary: dict, out: Path) -> None:
+    kind = summary["fitness_kind"]
+    print(f"\nPareto front ({len(summary['front'])} allocations; configs in {out / 'pareto'}):")
+    print(f"{'sparsity':>9} {kind:>10} {'trial':>6}  label")
+    for row in summary["front"]:
+        print(f"{row['sparsity']:>9.4f} {row['fitness']:>10.5f} {row['trial']:>6}  {row['label']}")
+    print("\nEach seed against the best front allocation at least as sparse (front@budget):")
+    header, cells = _report_columns(summary)
+    print(f"{'allocation':<16} {'sparsity':>9} {kind + ' (search data)':>20} " + " ".join(header))
+    for label, v in summary["seeds"].items():
+        budget = label.partition("@")[2]
+        front = v["front"]
+        if label.startswith("uniform@") and front is not None:
+            print(f"{'front@' + budget:<16} {front['sparsity']:>9.4f} {front['fitness']:>20.5f} "
+                  + cells(f"front@{budget}"))
+        print(f"{label:<16} {v['sparsity']:>9.4f} {v['fitness']:>20.5f} " + cells(label))
+    print(f"{summary['trials']} trials, median trial {summary['median_trial_s']:.2f}s; results in {out}")
