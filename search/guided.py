@@ -6,8 +6,9 @@ After a warm-up of measured allocations (the heuristic seeds plus scrambled-Sobo
 2. screens random points of the current per-unit bounds, projected onto the budget, and narrows each unit's
    bounds to where the predicted best ``quantile`` of them lie (their ``spread``…1−``spread`` percentiles),
    widening insensitive units (rank correlation with the prediction below ``insensitive`` × the strongest)
-   back to the full range and always keeping the incumbent best inside; optionally a ``local`` share of the
-   ``screen`` points are perturbations of the best measured allocations inside the new bounds;
+   back to the full range and always keeping the incumbent best inside; a ``local`` share of the ``screen``
+   points (default a quarter) are perturbations of the best measured allocations inside the new bounds, half of
+   them smooth depth waves (random box points almost never have the smooth depth profile real models want);
 3. asks ``batch`` candidates of the run's Optuna sampler in the narrowed space (on a throw-away copy of the
    study) plus the ``screen_top`` best screened points, and scores all by the lower confidence bound
    mean − κ·std (fitness is minimized);
@@ -55,7 +56,7 @@ class GuideConfig:
     measure: int = 4
     quantile: float = 0.1
     spread: float = 0.0
-    local: float = 0.0
+    local: float = 0.25
     kappa: float = 1.0
     insensitive: float = 0.25
     margin: float = 0.1
