@@ -108,18 +108,18 @@ def test_non_finite_weights_are_refused_by_every_command(tiny_llama_dir, tiny_ca
 def test_a_truncated_journal_is_repaired_and_resumed_keeping_every_trial(tiny_llama_dir, tiny_calib_file,
                                                                           tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(search_argv(tiny_llama_dir, tiny_calib_file, out, trials=6)) == 0
+    assert main(search_argv(tiny_llama_dir, tiny_calib_file, out, trials=8)) == 0  # the 7 seeds and one sampled trial
     journal = out / "study.journal"
     before = _journal(journal).trials
     with open(journal, "ab") as f:  # a crash in the middle of an append
-        f.write(b'{"op_code": 6, "worker_id": "abc", "trial_id": 7, "user_attr": {"alloc')
-    assert len(_journal(journal).trials) == 6  # Optuna alone still reads it...
+        f.write(b'{"op_code": 6, "worker_id": "abc", "trial_id": 9, "user_attr": {"alloc')
+    assert len(_journal(journal).trials) == 8  # Optuna alone still reads it...
     capsys.readouterr()
-    assert main(search_argv(tiny_llama_dir, tiny_calib_file, out, trials=9)) == 0  # ...and so does a resume
+    assert main(search_argv(tiny_llama_dir, tiny_calib_file, out, trials=11)) == 0  # ...and so does a resume
     assert "removed a partial last line" in capsys.readouterr().err
     after = _journal(journal).trials  # still readable by Optuna after appending
-    assert counted(after) == 9
-    assert [(t.state, t.values) for t in after[:6]] == [(t.state, t.values) for t in before]
+    assert counted(after) == 11
+    assert [(t.state, t.values) for t in after[:8]] == [(t.state, t.values) for t in before]
 
 
 def test_a_corrupt_cache_is_recomputed(tiny_llama_dir, tiny_calib_file, tmp_path, capsys):

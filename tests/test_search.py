@@ -269,7 +269,7 @@ def test_an_allocation_measured_before_is_reused_not_remeasured(tiny_llama_dir, 
 
     out = tmp_path / "run"
     settings = search_settings(tiny_llama_dir, tiny_calib_file, sampler="evo", level_step=0.1)
-    _run(settings, out, trials=6)
+    _run(settings, out, trials=8)  # past the 7 seeds, so nothing is left queued
     frame = pd.read_parquet(out / "trials.parquet")
     uniform = frame[frame.label == "uniform"].iloc[0]
     # The same effective allocation asked again, from other sampled values: reused, and no forward pass.
