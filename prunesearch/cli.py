@@ -84,9 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Budget-constrained per-layer sparsity search (an Optuna study in --out).")
     add_model_options(p)
     add_calib_options(p)
+    p.add_argument("--space", default="sparsity", choices=["sparsity", "width"],
+                   help="sparsity: one sparsity per block or projection (default); width: per block the share of "
+                        "key/value groups and of MLP channels kept, under a params= budget")
     p.add_argument("--budget", default="sparsity=0.7",
-                   help="sparsity=P (mean over prunable weights) or params=N (nonzero parameters, e.g. 4.5M); a "
-                        "range such as sparsity=0.6:0.8 searches the Pareto front of fitness against sparsity")
+                   help="sparsity=P (mean over prunable weights) or params=N (nonzero parameters, e.g. 4.5M, or a "
+                        "share of the dense model such as 75%%); a range such as sparsity=0.6:0.8 searches the "
+                        "Pareto front of fitness against sparsity")
+    p.add_argument("--width-score", choices=["wanda", "flap"],
+                   help="--space width: importance of heads and channels (default: flap)")
     p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (layers get k:M levels)")
     p.add_argument("--granularity", default="block", choices=["block", "projection"])
     p.add_argument("--pruner", default="wanda", choices=["wanda", "magnitude", "gblm", "sparsegpt"],

@@ -36,7 +36,7 @@ def trials_frame(study: optuna.Study, ws: Workspace):
         "granularity": s.granularity, "pruner": s.pruner, "fitness_kind": s.fitness,
         "fitness_data": json.dumps(ws.heldout_protocol), "fitness_samples": s.fitness_samples,
         "low_fidelity_samples": s.low_fidelity_samples, "seqlen": ws.seqlen, "calib": json.dumps(ws.calib_protocol),
-        "nsamples": s.nsamples, "seed": s.seed,
+        "nsamples": s.nsamples, "seed": s.seed, "space": s.space,
     }
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -49,8 +49,8 @@ def trials_frame(study: optuna.Study, ws: Workspace):
                "budget_sparsity": t.user_attrs.get("budget_sparsity"), "start": t.datetime_start}
         alloc = t.user_attrs.get("allocation")
         row["nonzero_params"] = ws.nonzero_params(np.asarray(alloc)) if alloc else None
-        for i, u in enumerate(ws.space.units):
-            row[f"s[{u}]"] = alloc[i] if alloc else None
+        row.update(ws.unit_columns(alloc))
+        for u in ws.space.units:
             row[param_name(u)] = t.params.get(param_name(u))
         rows.append({**row, **protocol})
     return pd.DataFrame(rows)
@@ -58,8 +58,8 @@ def trials_frame(study: optuna.Study, ws: Workspace):
 
 def _report(ws: Workspace, allocations: dict[str, np.ndarray], datasets: list[str], limit: int | None
             ) -> dict[str, dict[str, dict[str, float]]]:
-    """Reporting data, never seen by the search: each allocation pruned for real with the sequential one-shot
-    protocol (the way ``prunesearch prune --config`` realizes it), then perplexity and KL to the dense model on
+    """Reporting data, never seen by the search: each allocation pruned for real (``Workspace.prune_for_report``,
+    the way ``prunesearch prune --config`` realizes it), then perplexity and KL to the dense model on
     the same windows. Both are kept because they can disagree: pruning noise can lower the perplexity of a small
     model on text unlike its training data, while KL only measures the distance to the dense model.
     Returns ``{"ppl": {label: {dataset: value}}, "kl": {...}}``."""
@@ -67,24 +67,20 @@ def _report(ws: Workspace, allocations: dict[str, np.ndarray], datasets: list[st
 
     from prunesearch import data
     from prunesearch.evaluate import DenseReference, window_nll, windows
-    from pruners.masks import Target
-    from pruners.oneshot import make_pruner, prune_model
 
     s = ws.settings
     calib = ws.calibration_ids()
-    ws.realizer.apply({})
+    ws.reset()
     wins = {d: windows(data.eval_ids(ws.tokenizer, d, s.data_dir), ws.seqlen, limit) for d in datasets}
     refs = {d: DenseReference.compute(ws.model, w, ws.batch_size) for d, w in wins.items()}
     out: dict[str, dict[str, dict[str, float]]] = {"ppl": {}, "kl": {}}
-    device = next(ws.model.parameters()).device
     for label, alloc in allocations.items():
-        ws.realizer.apply({})
-        targets = {n: Target(v, ws.m) for n, v in ws.space.to_targets(alloc).items()}
-        prune_model(ws.model, make_pruner(s.pruner), targets, calib, device=device, batch_size=ws.batch_size)
+        ws.reset()
+        ws.prune_for_report(alloc, calib)
         out["ppl"][label] = {d: math.exp(float(window_nll(ws.model, w, ws.batch_size).mean()))
                              for d, w in wins.items()}
         out["kl"][label] = {d: refs[d].kl(ws.model, ws.batch_size) for d in datasets}
-    ws.realizer.apply({})
+    ws.reset()
     return out
 
 
@@ -97,7 +93,7 @@ def _config(ws: Workspace, t: optuna.trial.FrozenTrial) -> dict:
             "model_protocol": ws.model_protocol, "granularity": s.granularity, "seqlen": ws.seqlen, "fitness_data": ws.heldout_protocol,
             "fitness_samples": s.fitness_samples, "calib": ws.calib_protocol, "nsamples": s.nsamples,
             "seed": s.seed}
-    return ws.space.to_config(np.asarray(t.user_attrs["allocation"]), s.pattern, meta)
+    return ws.config(np.asarray(t.user_attrs["allocation"]), meta)
 
 
 def _alloc(t: optuna.trial.FrozenTrial) -> np.ndarray:
@@ -107,12 +103,12 @@ def _alloc(t: optuna.trial.FrozenTrial) -> np.ndarray:
 def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str, ...], report_limit: int | None,
            interrupted: bool = False) -> dict:
     """Write the results folder and return the summary: best found against every heuristic seed."""
-    from predictors.features import SpaceRecord
-
     frame = trials_frame(study, ws)
     with atomic_path(out / "trials.parquet") as tmp:
         frame.to_parquet(tmp, index=False)
-    SpaceRecord.from_workspace(ws).save(out / "space.json")
+    record = ws.space_record()
+    if record is not None:
+        record.save(out / "space.json")
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not complete:
         return {"trials": len(frame), "best": None, "interrupted": interrupted}
@@ -130,7 +126,8 @@ def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str,
         config = _config(ws, best)
         atomic_json(out / "best_config.json", config)
         summary["best"] = {"trial": best.number, "label": config["meta"]["label"], "fitness": best.value,
-                           "allocation": config["sparsity"]}
+                           "allocation": ws.unit_values(_alloc(best)),
+                           "nonzero_params": ws.nonzero_params(_alloc(best))}
         summary["seeds"] = {label: {"trial": t.number, "fitness": t.value} for label, t in seeds.items()}
         if report_ppl:
             allocs = {"best": _alloc(best), **{label: _alloc(t) for label, t in seeds.items()}}
@@ -138,7 +135,7 @@ def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str,
             summary["report_ppl"], summary["report_kl"] = report["ppl"], report["kl"]
     if report_ppl:
         summary["report_protocol"] = {"datasets": list(report_ppl), "windows_limit": report_limit,
-                                      "seqlen": ws.seqlen, "realized_with": f"{s.pruner} one-shot, sequential"}
+                                      "seqlen": ws.seqlen, "realized_with": ws.realized_with}
     atomic_json(out / "report.json", summary)
     from prunesearch.report import write_default
 

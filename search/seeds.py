@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from pruners.width.allocation import global_ranking, uniform_params
+from pruners.width.counting import Shapes
+from pruners.width.geometry import BlockWidth, Geometry
+from pruners.width.importance import Importance
 from search.space import Space
 
 
@@ -47,3 +51,10 @@ def heuristic_seeds(space: Space, outlier_ratio: list[float], spreads: tuple[flo
     for s in spreads:
         seeds[f"atp-{s:g}"] = atp(space, s)
     return seeds
+
+
+def width_seeds(geom: Geometry, imp: Importance, s: Shapes, budget: int) -> dict[str, list[BlockWidth]]:
+    """The labelled seeds of a width search at ``budget`` parameters: the same width in every block
+    (``uniform-width``) and FLAP's global ranking of standardized group and channel scores (``flap``)."""
+    removed = max(0.0, 1.0 - (budget - s.other_params) / sum(s.block_params(w) for w in geom.widths))
+    return {"uniform-width": uniform_params(geom, s, removed), "flap": global_ranking(geom, imp, s, removed)}

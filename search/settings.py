@@ -13,6 +13,7 @@ from prunesearch.safety import UserError
 LEVEL_PARAM = "budget_level"  # a multi-objective trial's budget: level k of RANGE_LEVELS steps across the range
 RANGE_LEVELS = 20
 PRUNERS = ("wanda", "magnitude", "gblm", "sparsegpt")
+SPACES = ("sparsity", "width")
 # Default per-unit bounds: budget ± BOUND_WIDTH, inside [0, 0.99]. The best allocations of a real model span wide:
 # SmolLM2-135M at 70% wants ~0.4 in the first blocks and ~0.9 in the last (a ± 0.2 box cut that optimum off).
 BOUND_WIDTH = 0.35
@@ -55,6 +56,8 @@ class SearchSettings:
     prune_percentile: float = 50.0
     data_dir: str | None = None
     level_step: float = 0.025
+    space: str = "sparsity"
+    width_score: str = "flap"
 
     @property
     def multi_objective(self) -> bool:
@@ -81,6 +84,32 @@ class SearchSettings:
 
         parse_pattern(self.pattern)
         check_budget_syntax(self.budget)
+        if self.space not in SPACES:
+            raise UserError(f"search space must be one of {', '.join(SPACES)}, got {self.space!r}")
+        if self.space == "width":
+            self._validate_width()
+
+    def _validate_width(self) -> None:
+        """What the width space cannot take: another budget kind or a range, N:M, a sparsity pruner or bounds."""
+        from pruners.width.importance import METRICS
+
+        if self.budget.partition("=")[0] != "params":
+            raise UserError(f"--space width needs a params= budget (such as params=75% or params=100M), "
+                            f"got {self.budget!r}")
+        if self.multi_objective:
+            raise UserError("--space width searches one budget; a budget range is not supported there")
+        if self.pattern != "unstructured":
+            raise UserError(f"--space width removes whole heads and channels; --pattern {self.pattern} does not "
+                            "apply")
+        if self.pruner != "wanda":
+            raise UserError(f"--space width scores heads and channels with --width-score; --pruner {self.pruner} "
+                            "does not apply")
+        if self.granularity != "block" or self.min_sparsity is not None or self.max_sparsity is not None:
+            raise UserError("--granularity, --min-sparsity and --max-sparsity apply to the sparsity space only")
+        if self.sampler == "evo":
+            raise UserError("the evolutionary sampler moves sparsity levels; --space width needs tpe, qmc or nsga2")
+        if self.width_score not in METRICS:
+            raise UserError(f"--width-score must be one of {', '.join(METRICS)}, got {self.width_score!r}")
 
     def signature(self) -> dict:
         return dataclasses.asdict(self)

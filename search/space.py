@@ -143,8 +143,17 @@ def make_space(lay: ModelLayout, target: float, low: float, high: float, granula
     return Space(units, sizes, target, low, high, members, blocks)
 
 
+def params_count(value: str, total_params: int) -> float:
+    """A ``params=`` value as a parameter count: absolute (suffixes K, M, B, as in ``4.5M``) or a share of the dense
+    model's ``total_params`` (``75%``)."""
+    if value.endswith("%"):
+        return float(value[:-1]) / 100 * total_params
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(value[-1:].upper(), 1.0)
+    return float(value[:-1] if scale != 1.0 else value) * scale
+
+
 def parse_budget(text: str, lay: ModelLayout, total_params: int) -> tuple[str, float, float]:
-    """``sparsity=0.7`` or ``params=N`` (nonzero parameters of the whole model; suffixes K, M, B) → the mean
+    """``sparsity=0.7`` or ``params=N`` (nonzero parameters of the whole model: ``4.5M`` or ``75%``) → the mean
     sparsity over prunable weights that meets it. Returns (kind, value, target sparsity)."""
     kind, sep, value = text.partition("=")
     if not sep:
@@ -156,8 +165,7 @@ def parse_budget(text: str, lay: ModelLayout, total_params: int) -> tuple[str, f
             raise UserError(f"budget sparsity must be in [0, 1), got {target}")
         return kind, target, target
     if kind == "params":
-        scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(value[-1:].upper(), 1.0)
-        count = float(value[:-1] if scale != 1.0 else value) * scale
+        count = params_count(value, total_params)
         fixed = total_params - prunable
         target = 1.0 - (count - fixed) / prunable
         if not 0.0 <= target < 1.0:
@@ -174,18 +182,22 @@ def check_budget_syntax(text: str) -> None:
     kind, sep, value = text.partition("=")
     ends = value.split(":")
     if not sep or len(ends) > 2 or not all(e.strip() for e in ends):
-        raise UserError(f"budget must look like sparsity=0.7, params=5M or a range sparsity=0.6:0.8, got {text!r}")
+        raise UserError(f"budget must look like sparsity=0.7, params=5M, params=75% or a range sparsity=0.6:0.8, "
+                        f"got {text!r}")
     if kind not in ("sparsity", "params"):
         raise UserError(f"unknown budget kind {kind!r}; this version supports sparsity=… and params=…")
     for end in ends:
-        number = end[:-1] if kind == "params" and end[-1:].upper() in ("K", "M", "B") else end
+        number = end[:-1] if kind == "params" and end[-1:].upper() in ("K", "M", "B", "%") else end
         try:
             v = float(number)
         except ValueError:
             raise UserError(f"budget {text!r}: {end!r} is not a number") from None
-        if not math.isfinite(v) or (kind == "sparsity" and not 0.0 <= v < 1.0) or (kind == "params" and v <= 0):
+        share = kind == "params" and end.endswith("%")
+        if not math.isfinite(v) or (kind == "sparsity" and not 0.0 <= v < 1.0) or (kind == "params" and v <= 0) \
+                or (share and v > 100):
             raise UserError(f"budget {text!r}: {kind} must be " + ("in [0, 1)" if kind == "sparsity" else
-                                                                    "a positive count such as 4.5M"))
+                                                                    "a positive count such as 4.5M or a share "
+                                                                    "in (0%, 100%]"))
     if len(ends) == 2 and ends[0] == ends[1]:
         raise UserError(f"budget range {text!r} has equal ends; give a single budget instead")
 

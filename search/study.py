@@ -21,10 +21,17 @@ from prunesearch.safety import RunLock, UserError, mark_output
 from search import faults, storage as storages
 from search.results import finish
 from search.samplers import make_sampler, param_name
-from search.seeds import heuristic_seeds
 from search.settings import LEVEL_PARAM, RANGE_LEVELS, SearchSettings
 from search.space import Space
+from search.width_workspace import WidthWorkspace
 from search.workspace import Workspace
+
+
+def open_workspace(settings: SearchSettings, out: Path, device: str = "cpu", batch_size: int = 8,
+                   cache_dir: Path | None = None) -> Workspace:
+    """The workspace of the settings' search space: per-unit sparsity (``Workspace``) or widths (``WidthWorkspace``)."""
+    cls = WidthWorkspace if settings.space == "width" else Workspace
+    return cls(settings, out, device, batch_size, cache_dir)
 
 
 def open_study(settings: SearchSettings, out: Path, storage: str | None, study_name: str, space: Space,
@@ -57,6 +64,7 @@ def check_run_folder(settings: SearchSettings, out: Path) -> None:
         theirs = read_json(path, "run record")
         if not isinstance(theirs, dict):
             raise UserError(f"{path} is not a prunesearch run record; choose another --out")
+        theirs = {**SearchSettings().signature(), **theirs}  # a record from before a setting existed: its default
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
             raise UserError(
@@ -91,7 +99,7 @@ def _enqueue_seeds(study: optuna.Study, ws: Workspace, requeue_running: bool) ->
                or (t.state == TrialState.FAIL and faults.FAIL_REASON in t.user_attrs)}
     for level in ((0, RANGE_LEVELS // 2, RANGE_LEVELS) if ws.multi else (None,)):
         target = None if level is None else ws.range_target(level)
-        for label, alloc in heuristic_seeds(ws.space_at(target), ws.scores.outlier_ratio).items():
+        for label, alloc in ws.seeds(target).items():
             params = {param_name(u): float(v) for u, v in zip(ws.space.units, alloc)}
             if level is not None:
                 label, params[LEVEL_PARAM] = f"{label}@{target:.4g}", level
@@ -138,7 +146,7 @@ def _worker(settings: dict, out: str, storage: str | None, study_name: str, tria
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = SearchSettings(**settings)
-    ws = Workspace(s, Path(out), device, batch_size, cache_dir)
+    ws = open_workspace(s, Path(out), device, batch_size, cache_dir)
     study = open_study(s, Path(out), storage, study_name, ws.space, worker, heartbeat)
     _optimize(study, ws, trials, deadline, progress=False)
 
@@ -183,7 +191,7 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
     try:
         try:
             storage_obj = storages.open_storage(storage, out, heartbeat)  # an unreachable database: before the model
-            ws = Workspace(settings, out, device, batch_size, cache_dir)
+            ws = open_workspace(settings, out, device, batch_size, cache_dir)
             study = open_study(settings, out, storage, study_name, ws.space, heartbeat=heartbeat,
                                storage_obj=storage_obj)
         except Exception:

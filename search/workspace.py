@@ -34,7 +34,6 @@ class Workspace:
         from prunesearch import data
         from prunesearch.evaluate import DenseReference
         from prunesearch.models import default_seqlen, describe_model, load_model
-        from pruners.masks import parse_pattern
 
         settings.validate()
         self.settings, self.out, self.batch_size = settings, out, batch_size
@@ -43,6 +42,26 @@ class Workspace:
         self.lay = layout(self.model)
         self.seqlen = default_seqlen(self.model, settings.seqlen, builtin=settings.model is None)
         self.total_params = sum(p.numel() for p in self.model.parameters())
+        cache = Path(cache_dir) if cache_dir is not None else out / "cache"  # --cache-dir: shared by workers
+        self.cache = cache
+        self._prepare_space(device, batch_size)
+        cache.mkdir(parents=True, exist_ok=True)
+        self.calib_protocol = data.describe(settings.calib, settings.data_dir)
+        self.heldout_protocol = data.describe("c4", settings.data_dir)
+        self._prepare_realizer(device, batch_size)
+
+        self.heldout = data.heldout_ids(self.tokenizer, settings.fitness_samples, self.seqlen, settings.seed,
+                                        settings.data_dir)
+        ref_key = settings.key("model", "fitness_samples", "seqlen", "seed", "data_dir")
+        ref_path = cache / f"reference-{ref_key}.safetensors"
+        if settings.fitness == "kl":
+            self.reference = DenseReference.cached(ref_path, self.model, self.heldout, batch_size)
+
+    def _prepare_space(self, device: str, batch_size: int) -> None:
+        """The budget and the space of per-unit sparsities (checked before any cache is written)."""
+        from pruners.masks import parse_pattern
+
+        settings = self.settings
         self.budget_kind, _, self.target_range = parse_budget_range(settings.budget, self.lay, self.total_params)
         self.multi = settings.multi_objective
         t_low, t_high = self.target_range
@@ -55,12 +74,10 @@ class Workspace:
             from pruners.masks import check_pattern_fits_layout
 
             check_pattern_fits_layout(self.lay, self.m)
-        cache = Path(cache_dir) if cache_dir is not None else out / "cache"  # --cache-dir: shared by workers
-        cache.mkdir(parents=True, exist_ok=True)
-        self.cache = cache
-        self.calib_protocol = data.describe(settings.calib, settings.data_dir)
-        self.heldout_protocol = data.describe("c4", settings.data_dir)
 
+    def _prepare_realizer(self, device: str, batch_size: int) -> None:
+        """The pruner's cached weight ranks (or SparseGPT level database) and the realizer that applies them."""
+        settings, cache = self.settings, self.cache
         if settings.pruner == "sparsegpt":
             self.scores = self._level_database(cache, device, batch_size)
             self.realizer = LevelRealizer(self.lay, self.scores)
@@ -77,13 +94,6 @@ class Workspace:
 
             self.scores = load_or_build(path, ScoreCache.load, build, lambda c, tmp: c.save(tmp), "score cache")
             self.realizer = Realizer(self.lay, self.scores)
-
-        self.heldout = data.heldout_ids(self.tokenizer, settings.fitness_samples, self.seqlen, settings.seed,
-                                        settings.data_dir)
-        ref_key = settings.key("model", "fitness_samples", "seqlen", "seed", "data_dir")
-        ref_path = cache / f"reference-{ref_key}.safetensors"
-        if settings.fitness == "kl":
-            self.reference = DenseReference.cached(ref_path, self.model, self.heldout, batch_size)
 
     def calibration_ids(self) -> torch.Tensor:
         """The calibration sequences the pruner's statistics come from (also used to realize the report)."""
@@ -145,6 +155,51 @@ class Workspace:
     def realize(self, alloc: np.ndarray) -> None:
         self.realizer.apply(self.space.to_targets(alloc))
 
+    def reset(self) -> None:
+        """Put the dense weights back."""
+        self.realizer.apply({})
+
+    def seeds(self, target: float | None = None) -> dict[str, np.ndarray]:
+        """The labelled heuristic seeds as sampled values (at ``target`` for a budget range)."""
+        from search.seeds import heuristic_seeds
+
+        return heuristic_seeds(self.space_at(target), self.scores.outlier_ratio)
+
+    def budget_attrs(self, alloc: np.ndarray) -> dict:
+        """What a trial records about its allocation's budget."""
+        return {"budget_sparsity": self.space.mean(alloc)}
+
+    def unit_values(self, alloc: np.ndarray) -> dict[str, float]:
+        """An allocation per unit, as the summary shows it (sparsity)."""
+        return {u: float(v) for u, v in zip(self.space.units, alloc)}
+
+    def unit_columns(self, alloc: list | None) -> dict:
+        """An allocation's per-unit columns of the trials table (``s[unit]``, the sparsity)."""
+        return {f"s[{u}]": alloc[i] if alloc else None for i, u in enumerate(self.space.units)}
+
+    def config(self, alloc: np.ndarray, meta: dict) -> dict:
+        """An allocation as the config file ``prunesearch prune --config`` reads."""
+        return self.space.to_config(alloc, self.settings.pattern, meta)
+
+    @property
+    def realized_with(self) -> str:
+        return f"{self.settings.pruner} one-shot, sequential"
+
+    def prune_for_report(self, alloc: np.ndarray, calib: torch.Tensor) -> None:
+        """Prune the dense model to ``alloc`` for real, as ``prunesearch prune --config`` would (report data)."""
+        from pruners.masks import Target
+        from pruners.oneshot import make_pruner, prune_model
+
+        targets = {n: Target(v, self.m) for n, v in self.space.to_targets(alloc).items()}
+        prune_model(self.model, make_pruner(self.settings.pruner), targets, calib,
+                    device=next(self.model.parameters()).device, batch_size=self.batch_size)
+
+    def space_record(self):
+        """The facts the accuracy predictor's features need (``predictors.features.SpaceRecord``)."""
+        from predictors.features import SpaceRecord
+
+        return SpaceRecord.from_workspace(self)
+
     def _fitness_sum(self, start: int, stop: int) -> tuple[float, int]:
         if self.settings.fitness == "kl":
             return self.reference.kl_sum(self.model, start, stop, self.batch_size)
@@ -180,9 +235,10 @@ class Workspace:
         x = np.array([trial.suggest_float(param_name(u), self.space.low, self.space.high) for u in self.space.units])
         target = self.range_target(trial.suggest_int(LEVEL_PARAM, 0, RANGE_LEVELS)) if self.multi else None
         alloc = self.allocation(x, target)
-        sparsity = self.space.mean(alloc)
         trial.set_user_attr("allocation", alloc.tolist())
-        trial.set_user_attr("budget_sparsity", sparsity)
+        attrs = self.budget_attrs(alloc)
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
         twin = _measured_twin(trial, alloc)
         if twin is not None:  # the same effective allocation was measured already: reuse, do not re-measure
             trial.set_user_attr("duplicate_of", twin.number)
@@ -197,7 +253,7 @@ class Workspace:
             trial.set_user_attr("wall_s", time.perf_counter() - t)
         trial.set_user_attr("fitness_low", result["fitness_low"])
         # rounded so that allocations on the same budget level tie exactly instead of by float noise
-        return (result["fitness"], round(sparsity, 9)) if self.multi else result["fitness"]
+        return (result["fitness"], round(attrs["budget_sparsity"], 9)) if self.multi else result["fitness"]
 
 
 def _measured_twin(trial: optuna.Trial, alloc: np.ndarray) -> optuna.trial.FrozenTrial | None:

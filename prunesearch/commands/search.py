@@ -30,6 +30,12 @@ def cmd_search(args) -> int:
 
     check_search_args(args)  # storage, budget, pattern, out, numbers: before the model loads
     multi = ":" in args.budget
+    width = args.space == "width"
+    if args.width_score and not width:
+        raise UsageError("--width-score only works with --space width")
+    if width and args.predictor == "on":
+        raise UsageError("the accuracy predictor's features describe sparsity allocations; --space width needs "
+                         "--predictor off")
     device = resolve_device(args.device)
     given = {"seqlen": args.seqlen, "nsamples": args.nsamples, "fitness_samples": args.fitness_samples,
              "low_fidelity_samples": args.low_fidelity_samples}
@@ -38,12 +44,13 @@ def cmd_search(args) -> int:
         model=args.model, budget=args.budget, pattern=args.pattern, granularity=args.granularity,
         pruner=args.pruner, fitness=args.fitness, sampler=args.sampler or ("nsga2" if multi else "tpe"),
         min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, calib=args.calib, seed=args.seed,
-        data_dir=args.data_dir, level_step=args.level_step, **effort,
+        data_dir=args.data_dir, level_step=args.level_step, space=args.space,
+        width_score=args.width_score or "flap", **effort,
     )
     time_budget = parse_duration(args.time_budget) if args.time_budget else None
     out = Path(args.out)
     guide = None
-    if (args.predictor or ("off" if multi else "on")) == "on":
+    if (args.predictor or ("off" if multi or width else "on")) == "on":
         from search.guided import Guide, GuideConfig
 
         guide = Guide(GuideConfig(init=args.predictor_init))
