@@ -11,7 +11,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import prunesearch  # noqa: F401 - registers the width-export classes with the Auto classes
 from conftest import saved_tiny_model, search_settings, tiny_model
 from pruners.width.counting import shapes
 from pruners.width.geometry import geometry
