@@ -51,16 +51,14 @@ def test_params_share_budget_for_the_sparsity_space(tiny_llama_dir):
     assert parse_budget("params=80%", layout(model), total)[1] == pytest.approx(0.8 * total)
 
 
-@pytest.fixture(params=["llama", "gpt2"])
-def model_dir(request, tiny_llama_dir, tmp_path, tiny_tokenizer):
-    if request.param == "llama":
-        return tiny_llama_dir  # GQA: 2 key/value groups of 2 query heads
-    return saved_tiny_model(tmp_path / "tiny-gpt2", tiny_tokenizer, "gpt2", layers=4)  # fused c_attn, Conv1D
-
-
-def test_width_search_meets_budget_beats_uniform_and_prunes_to_the_trial(model_dir, tiny_calib_file, tmp_path):
+@pytest.mark.parametrize("family,sampler", [("llama", "tpe"), ("gpt2", "qmc")])
+def test_width_search_meets_budget_beats_uniform_and_prunes_to_the_trial(family, sampler, tiny_llama_dir,
+                                                                         tiny_tokenizer, tiny_calib_file, tmp_path):
+    # LLaMA: GQA, 2 key/value groups of 2 query heads; GPT-2: fused c_attn, Conv1D, tied LM head
+    model_dir = tiny_llama_dir if family == "llama" else saved_tiny_model(tmp_path / "tiny-gpt2", tiny_tokenizer,
+                                                                          "gpt2", layers=4)
     run = tmp_path / "run"
-    assert main(_search_argv(model_dir, tiny_calib_file, run, "--budget", "params=75%")) == 0
+    assert main(_search_argv(model_dir, tiny_calib_file, run, "--budget", "params=75%", "--sampler", sampler)) == 0
     frame = pd.read_parquet(run / "trials.parquet")
     dense = AutoModelForCausalLM.from_pretrained(model_dir)
     total = sum(p.numel() for p in dense.parameters())
