@@ -194,19 +194,20 @@ def test_a_live_run_folder_is_refused_and_a_killed_run_resumes(tiny_llama_dir, t
             first.kill()
         first.communicate()
     before = _journal(out / "study.journal").trials
-    # the trial the kill interrupted (the one seen running may have finished just before the signal)
+    # the trial the kill interrupted: usually one; none when the signal landed in the instant between two trials
+    # (the one seen running may have finished just before it)
     running = [t.number for t in before if t.state == TrialState.RUNNING]
-    assert len(running) == 1, "the run was killed between trials"
-    number = running[0]
+    assert len(running) <= 1
     finished = {t.number: t.values for t in before if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
     resumed = search_argv(tiny_llama_dir, tiny_calib_file, out, trials=len(finished) + 3, samples=128)
     assert main(resumed) == 0  # the lock is free now: the dead run's RUNNING trial is failed and re-queued
     after = _journal(out / "study.journal").trials
     assert {n: after[n].values for n in finished} == finished  # nothing lost, nothing redone
-    assert after[number].state == TrialState.FAIL
-    if before[number].params:  # a trial killed before drawing its allocation is retried with a fresh draw
-        retried = [t for t in after if t.number > number and t.params == before[number].params]
-        assert retried and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    for number in running:
+        assert after[number].state == TrialState.FAIL
+        if before[number].params:  # a trial killed before drawing its allocation is retried with a fresh draw
+            retried = [t for t in after if t.number > number and t.params == before[number].params]
+            assert retried and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert counted(after) == len(finished) + 3
     assert json.loads((out / "report.json").read_text())["best"] is not None
 
