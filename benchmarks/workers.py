@@ -231,8 +231,8 @@ def main() -> None:
             print(f"kill -9 with heartbeat {hb}s: retry started {row['kill_to_retry_start_s']:.1f}s after the kill",
                   flush=True)
             result["kill"].append(row)
-    result["protocol"]["load"] = (f"load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after "
-                                  f"(other jobs shared the {os.cpu_count()} cores)")
+    result["protocol"]["load"] = (f"1-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} "
+                                  f"after, on {os.cpu_count()} cores (the workers themselves count)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "workers.json").write_text(json.dumps(result, indent=2))
