@@ -140,3 +140,25 @@ def test_evolution_moves_are_budget_neutral():
     study.optimize(objective, n_trials=60)
     assert study.trials[0].value == pytest.approx(0.0625)
     assert study.best_value < 0.005  # evolution improves on the uniform start while every child stays on budget
+
+
+def test_depth_waves_bend_whole_blocks_and_wave_children_stay_on_budget():
+    from search.samplers import BudgetNeutralEvolution, depth_waves
+
+    blocks = tuple(b for b in range(6) for _ in range(3))  # 6 blocks of 3 projections each
+    sizes = np.array([4, 1, 2] * 6, dtype=np.float64)
+    space = Space(tuple(f"{b}.{i}" for b in range(6) for i in range(3)), sizes, 0.6, 0.25, 0.95,
+                  tuple((f"{b}.{i}",) for b in range(6) for i in range(3)), blocks)
+    waves = depth_waves(space, np.random.default_rng(0), 50, 0.05)
+    assert waves.shape == (50, 18)
+    per_block = waves.reshape(50, 6, 3)
+    np.testing.assert_allclose(per_block, per_block[:, :, :1].repeat(3, axis=2))  # a block moves as one
+    assert np.all(np.ptp(waves, axis=1) > 1e-4)  # and the blocks do not all move alike
+    evo = BudgetNeutralEvolution(space, seed=0, wave=1.0)
+    parent = uniform(space)
+    for _ in range(20):
+        child = evo._mutate(parent)
+        assert space.mean(child) == pytest.approx(0.6, abs=1e-9)
+        assert np.all(child >= 0.25 - 1e-12) and np.all(child <= 0.95 + 1e-12)
+        assert np.abs(child - parent).max() > 1e-4
+        np.testing.assert_allclose(child.reshape(6, 3), child.reshape(6, 3)[:, :1].repeat(3, axis=1), atol=1e-9)
