@@ -1,14 +1,16 @@
 """Does the accuracy predictor save real evaluations, and how well does it rank with few pairs?
 
-(a) Real evaluations each sampler needs to come within 1% of the best fitness of a long reference run:
-    predictor-guided (TPE in the narrowed space) vs TPE, QMC and the budget-neutral evolution, several sampler
-    seeds each, median. Every run is one Optuna study on the same fitness (the default model at 70%
-    unstructured, Wanda scores, KL to the dense model on 32 × 256 held-out C4 tokens, calibration 128 × 256 C4,
-    seed 0); one Workspace is shared in-process. An evaluation is a finished trial (pruned trials count as one).
+(a) Real evaluations each sampler needs to come within 1% of the best fitness of a long reference run (or,
+    with --reference 0, of the best any run found): predictor-guided (TPE in the narrowed space) vs TPE, QMC and
+    the budget-neutral evolution, several sampler seeds each, median. Every run is one Optuna study on the same
+    fitness (Wanda scores, KL to the dense model on held-out C4 tokens, seed 0); one Workspace is shared
+    in-process. An evaluation is a finished trial (pruned trials count as one).
 (b) Kendall τ on held-out pairs vs training pairs (25, 50, 100, 200) for the log, rank and pairwise targets.
 (c) Plots: anytime curves, τ vs pairs, predicted vs measured.
 
     PYTHONPATH=. python benchmarks/predictor.py [--seeds 3] [--trials 100] [--reference 300]
+    PYTHONPATH=. python benchmarks/predictor.py --model smollm2-135m --granularity projection --reference 0 \
+        --samplers guided,evo --data-dir ../shared/data --name -smollm2-projection
 
 Run folders go to --runs (re-running resumes them); curated outputs to results/benchmarks/predictor_*.
 """
@@ -29,11 +31,10 @@ import torch
 from predictors.features import SpaceRecord, features, make_spec
 from predictors.metrics import ranking_metrics
 from predictors.model import FitnessPredictor
-from search.engine import SearchSettings, Workspace, _optimize, check_run_folder, enqueue_seeds, finish, open_study
+from search.engine import SearchSettings, Workspace, default_effort, check_run_folder, enqueue_seeds, finish, open_study, optimize
 from search.guided import Guide, GuideConfig
 from search.samplers import make_sampler
 
-SETTINGS = SearchSettings(budget="sparsity=0.7")
 
 
 def run(ws: Workspace, out: Path, sampler: str, seed: int, trials: int, guided: bool) -> pd.DataFrame:
@@ -48,7 +49,7 @@ def run(ws: Workspace, out: Path, sampler: str, seed: int, trials: int, guided: 
     if guided:
         Guide(GuideConfig(seed=seed))(study, ws, trials, None, False)
     else:
-        _optimize(study, ws, trials, None, False)
+        optimize(study, ws, trials, None, False)
     finish(study, ws, out, (), None)
     frame = pd.read_parquet(out / "trials.parquet")
     best = frame.fitness[frame.state == "COMPLETE"].min()
@@ -92,25 +93,37 @@ def main() -> None:
     ap.add_argument("--model", help="another model (default: the built-in one)")
     ap.add_argument("--seqlen", type=int)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
-    ap.add_argument("--fitness-samples", type=int, default=32)
-    ap.add_argument("--low-fidelity-samples", type=int, default=8)
+    ap.add_argument("--fitness-samples", type=int, help="default: the search's effort for this model and device")
+    ap.add_argument("--low-fidelity-samples", type=int)
+    ap.add_argument("--budget", type=float, default=0.7, help="unstructured sparsity")
+    ap.add_argument("--granularity", default="block", choices=["block", "projection"])
+    ap.add_argument("--data-dir")
+    ap.add_argument("--cache-dir", help="shared cache of ranks and the dense reference")
+    ap.add_argument("--name", default="", help="suffix of the output files")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(args.threads)
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = dataclasses.replace(SETTINGS, model=args.model, seqlen=args.seqlen,
-                                   fitness_samples=args.fitness_samples,
-                                   low_fidelity_samples=args.low_fidelity_samples)
-    ws = Workspace(settings, runs / "workspace")
+    effort = default_effort(args.model is None, "cpu")
+    given = {"seqlen": args.seqlen, "fitness_samples": args.fitness_samples,
+             "low_fidelity_samples": args.low_fidelity_samples}
+    effort.update({k: v for k, v in given.items() if v is not None})
+    settings = SearchSettings(model=args.model, budget=f"sparsity={args.budget}", granularity=args.granularity,
+                              data_dir=args.data_dir, **effort)
+    ws = Workspace(settings, runs / "workspace", cache_dir=args.cache_dir)
     ws.base_settings = settings
-    frames = {"reference": run(ws, runs / "reference-tpe", "tpe", 99, args.reference, False)}
+    frames = {}
+    if args.reference:
+        frames["reference"] = run(ws, runs / "reference-tpe", "tpe", 99, args.reference, False)
     for seed in range(args.seeds):
         for name in args.samplers.split(","):
             sampler = "tpe" if name == "guided" else name
             frames[f"{name}/{seed}"] = run(ws, runs / f"{name}-s{seed}", sampler, seed, args.trials, name == "guided")
-    ref = frames["reference"]
+    ref = frames.get("reference", pd.concat(frames.values()))
     ref_best = float(ref.fitness[ref.state == "COMPLETE"].min())
+    ref_label = (f"Reference: TPE, {args.reference} trials, best KL {ref_best:.5f}." if args.reference else
+                 f"Reference: the best allocation any run below found, KL {ref_best:.5f}.")
     threshold = 1.01 * ref_best
     rows, curves = [], []
     for key, frame in frames.items():
@@ -128,7 +141,7 @@ def main() -> None:
         curves.append(pd.DataFrame({"sampler": name, "seed": int(seed), "evaluations": np.arange(1, len(best) + 1),
                                     "best": best}))
     table = pd.DataFrame(rows)
-    table.to_csv(out / "predictor_search.csv", index=False)
+    table.to_csv(out / f"predictor_search{args.name}.csv", index=False)
     curves_df = pd.concat(curves)
     med = table.groupby("sampler", sort=False).agg(
         evaluations_to_1pct=("evaluations_to_1pct", "median"), reached=("evaluations_to_1pct",
@@ -145,19 +158,22 @@ def main() -> None:
     pool = pool[pool.state == "COMPLETE"].drop_duplicates(subset=cols)
     X, y = features(pool[cols].to_numpy(np.float64), rec, spec), pool.fitness.to_numpy(np.float64)
     taus, test, train_pool = tau_vs_pairs(X, y, [25, 50, 100, 200], args.repeats)
-    taus.to_csv(out / "predictor_tau.csv", index=False)
+    taus.to_csv(out / f"predictor_tau{args.name}.csv", index=False)
     tau_med = taus.groupby(["target", "pairs"]).median(numeric_only=True).reset_index()
     scatter_model = FitnessPredictor(random_state=0).fit(X[train_pool[:200]], y[train_pool[:200]])
     pred, std = scatter_model.predict(X[test], return_std=True)
 
-    protocol = ("Default model (LLaMA-style, 6 blocks, hidden 128), 70% unstructured, block granularity (6 units, "
-                f"bounds [0.5, 0.9]), Wanda scores, fitness = KL to the dense model on {args.fitness_samples} × "
-                f"{ws.seqlen} held-out C4 tokens (bundled sample, seed 0; non-seed TPE/QMC/evo trials may stop at "
-                f"the {args.low_fidelity_samples}-sequence rung, guided picks are always measured in full), "
-                f"calibration 128 × {ws.seqlen} C4 tokens (seed 0); CPU (2 cores shared with other jobs).")
+    space = ws.space
+    protocol = (f"Model {args.model or 'built-in (LLaMA-style, 6 blocks, hidden 128)'} ({ws.model_protocol}), "
+                f"{args.budget:.0%} unstructured, {args.granularity} granularity ({len(space.units)} units, bounds "
+                f"[{space.low:.2f}, {space.high:.2f}]), Wanda scores, fitness = KL to the dense model "
+                f"on {effort['fitness_samples']} × {ws.seqlen} held-out C4 tokens (seed 0; non-seed TPE/QMC/evo "
+                f"trials may stop at the {effort['low_fidelity_samples']}-sequence rung, guided picks are always "
+                f"measured in full), calibration {effort['nsamples']} × {ws.seqlen} C4 tokens (seed 0); CPU, "
+                f"{args.threads} torch thread(s).")
     lines = ["# Accuracy predictor: real evaluations saved and ranking quality", "", protocol, "",
              f"## (a) Evaluations to reach within 1% of the reference best (KL ≤ {threshold:.5f})", "",
-             f"Reference: TPE, {args.reference} trials, best KL {ref_best:.5f}. {args.seeds} sampler seeds × "
+             f"{ref_label} {args.seeds} sampler seeds × "
              f"{args.trials} trials per sampler; median over seeds (inf = not reached within {args.trials}). "
              "Guided = warm-up of the 5 heuristic seeds + 7 Sobol points, then rounds of: fit an 8-member "
              "bootstrap XGBoost ensemble, narrow bounds from 10,000 screened points, screen 32 TPE asks + the "
@@ -192,16 +208,16 @@ def main() -> None:
         lines.append(f"| {target} | " + " | ".join(cells) + " |")
     lines += ["", "Top-10% precision (median) at 200 pairs: " + ", ".join(
         f"{t} {g[g.pairs == 200].top10_precision.iloc[0]:.2f}" for t, g in tau_med.groupby("target")), ""]
-    (out / "predictor.md").write_text("\n".join(lines) + "\n")
-    (out / "predictor.json").write_text(json.dumps({"reference_best": ref_best, "threshold": threshold,
+    (out / f"predictor{args.name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"predictor{args.name}.json").write_text(json.dumps({"reference_best": ref_best, "threshold": threshold,
                                                     "median": med.reset_index().to_dict("records"),
                                                     "pool_pairs": int(len(y))}, indent=2, default=float))
-    plot(curves_df, threshold, tau_med, y[test], pred, std, out)
+    plot(curves_df, threshold, tau_med, y[test], pred, std, out, args.name)
     print("\n".join(lines))
 
 
 def plot(curves: pd.DataFrame, threshold: float, tau_med: pd.DataFrame, measured: np.ndarray, pred: np.ndarray,
-         std: np.ndarray, out: Path) -> None:
+         std: np.ndarray, out: Path, name: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,7 +231,7 @@ def plot(curves: pd.DataFrame, threshold: float, tau_med: pd.DataFrame, measured
     ax.set(xlabel="real evaluations", ylabel="best KL so far (median over seeds)", yscale="log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "predictor_anytime.png", dpi=120)
+    fig.savefig(out / f"predictor_anytime{name}.png", dpi=120)
     fig, ax = plt.subplots(figsize=(5, 4))
     for target, g in tau_med.groupby("target"):
         ax.plot(g.pairs, g.kendall_tau, marker="o", label=target)
@@ -223,14 +239,14 @@ def plot(curves: pd.DataFrame, threshold: float, tau_med: pd.DataFrame, measured
     ax.set(xlabel="training pairs", ylabel="Kendall τ (held-out)", xscale="log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "predictor_tau.png", dpi=120)
+    fig.savefig(out / f"predictor_tau{name}.png", dpi=120)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.errorbar(measured, pred, yerr=std, fmt=".", alpha=0.6)
     lim = [min(measured.min(), pred.min()), max(measured.max(), pred.max())]
     ax.plot(lim, lim, "k:", lw=1)
     ax.set(xlabel="measured KL", ylabel="predicted KL (200 training pairs)", xscale="log", yscale="log")
     fig.tight_layout()
-    fig.savefig(out / "predictor_scatter.png", dpi=120)
+    fig.savefig(out / f"predictor_scatter{name}.png", dpi=120)
 
 
 if __name__ == "__main__":

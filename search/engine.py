@@ -19,11 +19,11 @@ config or Pareto front, report) ← ``search.study`` (storage, seeds, workers, r
 
 from search.results import finish, trials_frame
 from search.settings import BOUND_WIDTH, EFFORT, LEVEL_PARAM, PRUNERS, RANGE_LEVELS, SearchSettings, default_effort
-from search.study import _optimize, check_run_folder, enqueue_seeds, open_study, open_workspace, run_search
+from search.study import check_run_folder, enqueue_seeds, open_study, open_workspace, optimize, run_search
 from search.workspace import Workspace
 
 __all__ = [
-    "BOUND_WIDTH", "EFFORT", "LEVEL_PARAM", "PRUNERS", "RANGE_LEVELS", "SearchSettings", "Workspace", "_optimize",
-    "check_run_folder", "default_effort", "enqueue_seeds", "finish", "open_study", "open_workspace", "run_search",
-    "trials_frame",
+    "BOUND_WIDTH", "EFFORT", "LEVEL_PARAM", "PRUNERS", "RANGE_LEVELS", "SearchSettings", "Workspace",
+    "check_run_folder", "default_effort", "enqueue_seeds", "finish", "open_study", "open_workspace", "optimize",
+    "run_search", "trials_frame",
 ]

@@ -112,7 +112,7 @@ def _finished(study: optuna.Study) -> int:
     return faults.counted(study.get_trials(deepcopy=False))
 
 
-def _optimize(study: optuna.Study, ws: Workspace, trials: int | None, deadline: float | None,
+def optimize(study: optuna.Study, ws: Workspace, trials: int | None, deadline: float | None,
               progress: bool) -> None:
     from tqdm.auto import tqdm
 
@@ -148,7 +148,7 @@ def _worker(settings: dict, out: str, storage: str | None, study_name: str, tria
     s = SearchSettings(**settings)
     ws = open_workspace(s, Path(out), device, batch_size, cache_dir)
     study = open_study(s, Path(out), storage, study_name, ws.space, worker, heartbeat)
-    _optimize(study, ws, trials, deadline, progress=False)
+    optimize(study, ws, trials, deadline, progress=False)
 
 
 def run_search(settings: SearchSettings, out: Path, trials: int | None = None, time_budget: float | None = None,
@@ -160,7 +160,7 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
     """Run (or resume) a search; writes trials.parquet, best_config.json (for a budget range: the Pareto front,
     pareto.csv and pareto/*.json) and report.json into ``out``.
 
-    ``guide`` replaces the plain optimize loop of this process (same arguments as ``_optimize``), e.g. the
+    ``guide`` replaces the plain optimize loop of this process (same arguments as ``optimize``), e.g. the
     predictor-guided loop of ``search.guided.Guide``; extra workers still run the plain sampler.
 
     Refused settings leave ``out`` as it was (a folder created here is removed); the folder is locked for the
@@ -220,7 +220,7 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
                 p.start()
                 procs.append(p)
         try:
-            (guide or _optimize)(study, ws, trials, deadline, progress)
+            (guide or optimize)(study, ws, trials, deadline, progress)
         except KeyboardInterrupt:
             interrupted = True
             for p in procs:
