@@ -86,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_calib_options(p)
     p.add_argument("--space", default="sparsity", choices=["sparsity", "width"],
                    help="sparsity: one sparsity per block or projection (default); width: per block the share of "
-                        "key/value groups and of MLP channels kept, under a params= budget")
+                        "key/value groups and of MLP channels kept, under params/flops/memory/latency budgets")
     p.add_argument("--budget", default="sparsity=0.7",
                    help="sparsity=P (mean over prunable weights) or params=N (nonzero parameters, e.g. 4.5M, or a "
-                        "share of the dense model such as 75%%); a range such as sparsity=0.6:0.8 searches the "
-                        "Pareto front of fitness against sparsity")
+                        "share of the dense model such as 75%%); --space width also takes flops=, memory= and "
+                        "latency= (e.g. flops=60%%, memory=300MB@2048, latency=40ms@512; @N: tokens, default "
+                        "--seqlen) and several joined by commas; a range such as sparsity=0.6:0.8 searches the "
+                        "Pareto front of fitness against that budget")
     p.add_argument("--width-score", choices=["wanda", "flap"],
                    help="--space width: importance of heads and channels (default: flap)")
     p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (layers get k:M levels)")

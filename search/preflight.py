@@ -12,7 +12,7 @@ def check_search_args(args) -> None:
     """Numbers, budget, pattern (against the model's config), storage URL and run folder of a search command."""
     from pruners.masks import parse_pattern
     from prunesearch.models import check_pattern_fits, load_config, model_source
-    from search.space import check_budget_syntax
+    from search.budget import Budget
     from search.storage import check_storage
 
     for flag, value, low in (("--trials", args.trials, 1), ("--workers", args.workers, 1),
@@ -21,7 +21,7 @@ def check_search_args(args) -> None:
                              ("--batch-size", args.batch_size, 1), ("--report-limit", args.report_limit, 0)):
         if value is not None and value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}")
-    check_budget_syntax(args.budget)
+    Budget.parse(args.budget)
     m = parse_pattern(args.pattern)
     check_storage(args.storage)
     if args.model is not None:

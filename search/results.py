@@ -170,7 +170,7 @@ def _front(study: optuna.Study, ws: Workspace, out: Path, seeds: dict, report_pp
     for label, t in seeds.items():
         at_least = [f for f in front if f.values[1] >= t.values[1] - 1e-9]
         versus[label] = {**point(t), "front": point(min(at_least, key=lambda f: f.values[0])) if at_least else None}
-    _plot_front(study, front, seeds, ws.settings.fitness, out / "pareto.png")
+    _plot_front(study, front, seeds, ws.settings.fitness, ws.trade_label, out / "pareto.png")
     summary = {"objectives": [ws.settings.fitness, "sparsity"], "front": rows, "seeds": versus}
     if report_ppl:
         allocs = {label: _alloc(t) for label, t in seeds.items()}
@@ -182,7 +182,8 @@ def _front(study: optuna.Study, ws: Workspace, out: Path, seeds: dict, report_pp
     return summary
 
 
-def _plot_front(study: optuna.Study, front: list, seeds: dict, fitness_kind: str, path: Path) -> None:
+def _plot_front(study: optuna.Study, front: list, seeds: dict, fitness_kind: str, trade_label: str, path: Path
+                ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,7 +197,7 @@ def _plot_front(study: optuna.Study, front: list, seeds: dict, fitness_kind: str
     for i, family in enumerate(families):
         pts = [t for label, t in seeds.items() if label.partition("@")[0] == family]
         ax.scatter([t.values[1] for t in pts], [t.values[0] for t in pts], marker="x", c=f"C{i + 1}", label=family)
-    ax.set(xlabel="mean sparsity", ylabel=f"{fitness_kind} (search data)", yscale="log")
+    ax.set(xlabel=trade_label, ylabel=f"{fitness_kind} (search data)", yscale="log")
     ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from pruners.width.allocation import global_ranking, uniform_params
@@ -53,8 +55,9 @@ def heuristic_seeds(space: Space, outlier_ratio: list[float], spreads: tuple[flo
     return seeds
 
 
-def width_seeds(geom: Geometry, imp: Importance, s: Shapes, budget: int) -> dict[str, list[BlockWidth]]:
-    """The labelled seeds of a width search at ``budget`` parameters: the same width in every block
-    (``uniform-width``) and FLAP's global ranking of standardized group and channel scores (``flap``)."""
-    removed = max(0.0, 1.0 - (budget - s.other_params) / sum(s.block_params(w) for w in geom.widths))
-    return {"uniform-width": uniform_params(geom, s, removed), "flap": global_ranking(geom, imp, s, removed)}
+def width_seeds(geom: Geometry, imp: Importance, s: Shapes) -> dict[str, Callable[[float], list[BlockWidth]]]:
+    """The labelled seeds of a width search, each as widths at a removed share of the blocks' parameters (the
+    space fits the share to its budget): the same width in every block (``uniform-width``) and FLAP's global
+    ranking of standardized group and channel scores (``flap``)."""
+    return {"uniform-width": lambda removed: uniform_params(geom, s, removed),
+            "flap": lambda removed: global_ranking(geom, imp, s, removed)}

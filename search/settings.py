@@ -61,8 +61,10 @@ class SearchSettings:
 
     @property
     def multi_objective(self) -> bool:
-        """A budget range: fitness and sparsity are both objectives (NSGA-II by default)."""
-        return ":" in self.budget
+        """A budget range: fitness and the ranged budget are both objectives (NSGA-II by default)."""
+        from search.budget import Budget
+
+        return Budget.parse(self.budget).ranged is not None
 
     def validate(self) -> None:
         """Refuse settings that are wrong whatever the model, before anything is loaded or written."""
@@ -80,10 +82,14 @@ class SearchSettings:
             raise UserError("the SparseGPT level database is built for one budget; a budget range needs wanda, "
                             "magnitude or gblm")
         from pruners.masks import parse_pattern
-        from search.space import check_budget_syntax
+        from search.budget import WIDTH_KINDS, Budget
 
         parse_pattern(self.pattern)
-        check_budget_syntax(self.budget)
+        budget = Budget.parse(self.budget)
+        if self.space == "sparsity" and (len(budget.limits) > 1 or budget.kinds[0] not in ("sparsity", "params")):
+            raise UserError(f"budget {self.budget!r}: the sparsity space takes one sparsity= or params= budget; "
+                            f"{', '.join(k + '=' for k in WIDTH_KINDS[1:])} and several limits at once count "
+                            "removed heads and channels: use --space width")
         if self.space not in SPACES:
             raise UserError(f"search space must be one of {', '.join(SPACES)}, got {self.space!r}")
         if self.space == "width":
@@ -93,11 +99,11 @@ class SearchSettings:
         """What the width space cannot take: another budget kind or a range, N:M, a sparsity pruner or bounds."""
         from pruners.width.importance import METRICS
 
-        if self.budget.partition("=")[0] != "params":
-            raise UserError(f"--space width needs a params= budget (such as params=75% or params=100M), "
-                            f"got {self.budget!r}")
-        if self.multi_objective:
-            raise UserError("--space width searches one budget; a budget range is not supported there")
+        from search.budget import Budget
+
+        if "sparsity" in Budget.parse(self.budget).kinds:
+            raise UserError(f"--space width needs params=, flops=, memory= or latency= budgets (such as params=75% "
+                            f"or params=100M,latency=70%), got {self.budget!r}")
         if self.pattern != "unstructured":
             raise UserError(f"--space width removes whole heads and channels; --pattern {self.pattern} does not "
                             "apply")

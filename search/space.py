@@ -7,7 +7,6 @@ sparsity per unit; its budget is the parameter-weighted mean sparsity over all p
 
 from __future__ import annotations
 
-import math
 
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from pruners.registry import ModelLayout
 from prunesearch.safety import UserError
+from search.budget import Budget
 
 
 @dataclass(frozen=True)
@@ -143,74 +143,37 @@ def make_space(lay: ModelLayout, target: float, low: float, high: float, granula
     return Space(units, sizes, target, low, high, members, blocks)
 
 
-def params_count(value: str, total_params: int) -> float:
-    """A ``params=`` value as a parameter count: absolute (suffixes K, M, B, as in ``4.5M``) or a share of the dense
-    model's ``total_params`` (``75%``)."""
-    if value.endswith("%"):
-        return float(value[:-1]) / 100 * total_params
-    scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(value[-1:].upper(), 1.0)
-    return float(value[:-1] if scale != 1.0 else value) * scale
-
-
 def parse_budget(text: str, lay: ModelLayout, total_params: int) -> tuple[str, float, float]:
-    """``sparsity=0.7`` or ``params=N`` (nonzero parameters of the whole model: ``4.5M`` or ``75%``) → the mean
+    """``sparsity=0.7`` or ``params=N`` (all parameters of the whole model: ``4.5M`` or ``75%``) → the mean
     sparsity over prunable weights that meets it. Returns (kind, value, target sparsity)."""
-    kind, sep, value = text.partition("=")
-    if not sep:
-        raise UserError(f"budget must look like sparsity=0.7 or params=5M, got {text!r}")
-    prunable = sum(lay.numel(n) for n in lay.projection_names())
-    if kind == "sparsity":
-        target = float(value)
-        if not 0.0 <= target < 1.0:
-            raise UserError(f"budget sparsity must be in [0, 1), got {target}")
-        return kind, target, target
-    if kind == "params":
-        count = params_count(value, total_params)
-        fixed = total_params - prunable
-        target = 1.0 - (count - fixed) / prunable
-        if not 0.0 <= target < 1.0:
-            raise UserError(
-                f"budget params={value} is infeasible: the model has {total_params:,} parameters of which "
-                f"{fixed:,} are not prunable"
-            )
-        return kind, count, target
-    raise UserError(f"unknown budget kind {kind!r}; this version supports sparsity=… and params=…")
-
-
-def check_budget_syntax(text: str) -> None:
-    """What can be checked of a budget (or range) before the model is loaded: its form, kind and numbers."""
-    kind, sep, value = text.partition("=")
-    ends = value.split(":")
-    if not sep or len(ends) > 2 or not all(e.strip() for e in ends):
-        raise UserError(f"budget must look like sparsity=0.7, params=5M, params=75% or a range sparsity=0.6:0.8, "
-                        f"got {text!r}")
-    if kind not in ("sparsity", "params"):
-        raise UserError(f"unknown budget kind {kind!r}; this version supports sparsity=… and params=…")
-    for end in ends:
-        number = end[:-1] if kind == "params" and end[-1:].upper() in ("K", "M", "B", "%") else end
-        try:
-            v = float(number)
-        except ValueError:
-            raise UserError(f"budget {text!r}: {end!r} is not a number") from None
-        share = kind == "params" and end.endswith("%")
-        if not math.isfinite(v) or (kind == "sparsity" and not 0.0 <= v < 1.0) or (kind == "params" and v <= 0) \
-                or (share and v > 100):
-            raise UserError(f"budget {text!r}: {kind} must be " + ("in [0, 1)" if kind == "sparsity" else
-                                                                    "a positive count such as 4.5M or a share "
-                                                                    "in (0%, 100%]"))
-    if len(ends) == 2 and ends[0] == ends[1]:
-        raise UserError(f"budget range {text!r} has equal ends; give a single budget instead")
+    kind, (value, _), (target, _) = _sparsity_targets(Budget.parse(text), lay, total_params)
+    return kind, value, target
 
 
 def parse_budget_range(text: str, lay: ModelLayout, total_params: int) -> tuple[str, str, tuple[float, float]]:
     """A budget or a budget range such as ``sparsity=0.6:0.8`` or ``params=4M:6M`` (a multi-objective run trades
     fitness against the budget inside the range). Returns (kind, value text, (lowest, highest) target sparsity);
     a single budget gives equal ends."""
-    kind, sep, value = text.partition("=")
-    ends = value.split(":")
-    if not sep or len(ends) > 2 or not all(ends):
-        raise UserError(f"budget must look like sparsity=0.7, params=5M or a range sparsity=0.6:0.8, got {text!r}")
-    targets = sorted(parse_budget(f"{kind}={end}", lay, total_params)[2] for end in ends)
-    if len(ends) == 2 and targets[0] == targets[1]:
-        raise UserError(f"budget range {text!r} has equal ends; give a single budget instead")
-    return kind, value, (targets[0], targets[-1])
+    budget = Budget.parse(text)
+    kind, _, targets = _sparsity_targets(budget, lay, total_params)
+    return kind, budget.limits[0].text.partition("=")[2], targets
+
+
+def _sparsity_targets(budget: Budget, lay: ModelLayout, total_params: int
+                      ) -> tuple[str, tuple[float, float], tuple[float, float]]:
+    """(kind, (low, high) value, (low, high) mean sparsity of the prunable weights) of a sparsity-space budget."""
+    if len(budget.limits) > 1 or budget.kinds[0] not in ("sparsity", "params"):
+        raise UserError(f"budget {budget.text!r}: the sparsity space takes one sparsity= or params= budget; flops=, "
+                        "memory= and latency= count removed heads and channels (--space width), which unstructured "
+                        "sparsity does not change")
+    (limit,) = budget.limits
+    if limit.kind == "sparsity":
+        return "sparsity", limit.resolve(1.0), limit.resolve(1.0)
+    prunable = sum(lay.numel(n) for n in lay.projection_names())
+    fixed = total_params - prunable
+    low, high = limit.resolve(total_params)
+    targets = sorted(1.0 - (count - fixed) / prunable for count in (low, high))
+    if not (0.0 <= targets[0] and targets[1] < 1.0):
+        raise UserError(f"budget {limit.text} is infeasible: the model has {total_params:,} parameters of which "
+                        f"{fixed:,} are not prunable")
+    return "params", (low, high), (targets[0], targets[1])

@@ -4,16 +4,22 @@ candidates realized by masking (``search.width_realizer``)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import platform
 import time
 
 import numpy as np
 import torch
 
+from pruners.width import latency
 from pruners.width.counting import shapes
 from pruners.width.geometry import geometry
 from pruners.width.importance import importance
-from prunesearch.files import load_or_build
+from pruners.width.latency import LatencyTable
+from prunesearch.files import atomic_path, load_or_build
+from search.budget import Budget
 from search.seeds import width_seeds
 from search.width_realizer import WidthRealizer, load_importance, save_importance
 from search.width_space import make_width_space
@@ -26,12 +32,37 @@ class WidthWorkspace(Workspace):
     """A workspace whose allocation is the number of key/value groups and MLP channels every block keeps."""
 
     def _prepare_space(self, device: str, batch_size: int) -> None:
-        """The width space at the ``params=`` budget (refused if infeasible, before any cache is written)."""
+        """The width space under the budget's limits (refused if infeasible, before any cache is written; a
+        latency limit first measures, or loads, this device's latency table)."""
         self.geom = geometry(self.model)
         self.shapes = shapes(self.model, self.geom)
-        self.budget_kind, self.multi, self.m = "params", False, 0
-        self.space = make_width_space(self.geom, self.shapes, self.settings.budget, self.total_params)
-        self.target_range = (1.0 - self.space.target,) * 2  # the share of the units' parameters removed
+        self.m = 0
+        self.space = make_width_space(self.geom, self.shapes, self.settings.budget, self.total_params, self.seqlen,
+                                      self._latency_table)
+        self.budget_kind = "+".join(c.kind for c in self.space.constraints)
+        self.multi = self.space.ranged is not None
+        if self.multi:  # a Pareto run: trials draw the ranged limit's bound between its ends
+            ranged = self.space.constraints[self.space.ranged]
+            self.target_range = tuple(sorted(Budget.parse(self.settings.budget).ranged.resolve(ranged.dense)))
+        else:
+            self.target_range = (1.0 - self.space.target,) * 2  # the share of the units' parameters removed
+
+    def _latency_table(self, tokens: int) -> LatencyTable:
+        """This device's latency table at ``tokens`` (batch 1), measured once and cached per model, device, host
+        and thread count."""
+        device = str(next(self.model.parameters()).device)
+        key = hashlib.sha256(json.dumps([str(self.source), tokens, device, torch.get_num_threads(), platform.node()]
+                                        ).encode()).hexdigest()[:12]
+        path = self.cache / f"latency-{key}.json"
+        if path.is_file():
+            return LatencyTable.load(path)
+        t = time.perf_counter()
+        table = latency.measure(self.model, self.geom, tokens)
+        log.info("measured the latency table (%d tokens, %s) in %.1fs", tokens, device, time.perf_counter() - t)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            table.save(tmp)
+        return table
 
     def _prepare_realizer(self, device: str, batch_size: int) -> None:
         """Head and channel importance (cached per calibration protocol), the seeds, and the masking realizer."""
@@ -46,14 +77,21 @@ class WidthWorkspace(Workspace):
 
         self.importance = load_or_build(self.cache / f"width-importance-{key}.safetensors", load_importance, build,
                                         save_importance, "width importance cache")
-        self._seeds = {label: self.space.kept(w) for label, w in
-                       width_seeds(self.geom, self.importance, self.shapes, self.space.budget).items()}
-        self.space = self.space.widened(list(self._seeds.values()))
+        ends = set(self.target_range) if self.multi else {None}
+        self.space = self.space.widened([self.space_at(t).fit(make, label) for t in ends
+                                         for label, make in self._seed_makers().items()])
         self.realizer = WidthRealizer(self.model, self.geom, self.importance)
 
+    def _seed_makers(self) -> dict:
+        return width_seeds(self.geom, self.importance, self.shapes)
+
+    def space_at(self, target: float | None):
+        """The space whose ranged limit is ``target`` (a Pareto trial's own budget); the run's space for None."""
+        return self.space if target is None else self.space.at(target)
+
     def allocation(self, x: np.ndarray, target: float | None = None) -> np.ndarray:
-        """The kept groups and channels of sampled shares: whole, on the budget or just under it."""
-        return self.space.project(x)
+        """The kept groups and channels of sampled shares: whole, within every limit, none able to grow."""
+        return self.space_at(target).project(x)
 
     def nonzero_params(self, alloc: np.ndarray) -> int:
         """Parameters of the model sliced to the allocation (what ``prune --method width`` leaves)."""
@@ -66,11 +104,19 @@ class WidthWorkspace(Workspace):
         self.realizer.apply()
 
     def seeds(self, target: float | None = None) -> dict[str, np.ndarray]:
-        """Uniform width and FLAP's global ranking at the budget, as sampled kept shares."""
-        return {label: self.space.shares(kept) for label, kept in self._seeds.items()}
+        """Uniform width and FLAP's global ranking at the least removal that meets the budget, as kept shares."""
+        space = self.space_at(target)
+        return {label: space.shares(space.fit(make, label)) for label, make in self._seed_makers().items()}
+
+    @property
+    def trade_label(self) -> str:
+        return f"share of dense {self.space.constraints[self.space.ranged].kind} saved" if self.multi else ""
 
     def budget_attrs(self, alloc: np.ndarray) -> dict:
-        return {"budget_sparsity": self.space.removed_share(alloc), "params": self.space.params(alloc)}
+        """The removed share of the units' parameters (for a Pareto run: the share of the ranged limit's dense
+        amount saved, its second objective) and what every limit counts."""
+        share = self.space.saved_share(alloc) if self.multi else self.space.removed_share(alloc)
+        return {"budget_sparsity": share, "params": self.space.params(alloc), **self.space.amounts(alloc)}
 
     def unit_values(self, alloc: np.ndarray) -> dict[str, float]:
         """Kept share of every unit."""

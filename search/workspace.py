@@ -165,6 +165,8 @@ class Workspace:
 
         return heuristic_seeds(self.space_at(target), self.scores.outlier_ratio)
 
+    trade_label = "mean sparsity"  # what a Pareto run's second objective is
+
     def budget_attrs(self, alloc: np.ndarray) -> dict:
         """What a trial records about its allocation's budget."""
         return {"budget_sparsity": self.space.mean(alloc)}

@@ -100,7 +100,7 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_llama_dir, tiny_ca
     with pytest.raises(ValueError, match="infeasible"):
         _run(search_settings(tiny_llama_dir, tiny_calib_file, min_sparsity=0.7, max_sparsity=0.9), tmp_path / "a", trials=1)
     with pytest.raises(ValueError, match="unknown budget kind"):
-        _run(search_settings(tiny_llama_dir, tiny_calib_file, budget="latency=3ms"), tmp_path / "b", trials=1)
+        _run(search_settings(tiny_llama_dir, tiny_calib_file, budget="energy=3J"), tmp_path / "b", trials=1)
     with pytest.raises(ValueError, match="granularity"):
         _run(search_settings(tiny_llama_dir, tiny_calib_file, granularity="head"), tmp_path / "c", trials=1)
     out = tmp_path / "run"

@@ -107,6 +107,8 @@ def test_budget_parsing():
     kind, count, target = parse_budget(f"params={total - prunable // 2}", lay, total)
     assert kind == "params" and target == pytest.approx(0.5)
     with pytest.raises(ValueError, match="unknown budget kind"):
+        parse_budget("energy=1e9", lay, total)
+    with pytest.raises(ValueError, match="--space width"):  # unstructured sparsity changes no dense FLOPs
         parse_budget("flops=1e9", lay, total)
     with pytest.raises(ValueError, match="infeasible"):
         parse_budget("params=10", lay, total)

@@ -33,13 +33,14 @@ def test_projection_lands_on_the_budget_in_whole_units():
     geom = geometry(model)
     s = shapes(model, geom)
     total = sum(p.numel() for p in model.parameters())
-    space = make_width_space(geom, s, "params=70%", total)
-    assert space.budget == int(0.7 * total) and space.dim == 8 and space.units[:2] == ("0.attn", "0.mlp")
+    space = make_width_space(geom, s, "params=70%", total, 32)
+    budget = space.constraint("params").bound
+    assert budget == pytest.approx(0.7 * total) and space.dim == 8 and space.units[:2] == ("0.attn", "0.mlp")
     rng = np.random.default_rng(0)
     for x in rng.uniform(space.low, space.high, size=(50, space.dim)):
         kept = space.project(x)
         assert (kept >= 1).all() and (kept <= space.counts).all()
-        assert 0 <= space.budget - space.params(kept) < s.channel_params()
+        assert 0 <= budget - space.params(kept) < s.channel_params()
         assert space.params(kept) == s.other_params + sum(s.block_params(w) for w in space.widths(kept))
 
 
@@ -98,10 +99,14 @@ def test_width_search_meets_budget_beats_uniform_and_prunes_to_the_trial(family,
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--budget", "sparsity=0.5"], "needs a params= budget"),
+    (["--budget", "sparsity=0.5"], "needs params=, flops=, memory= or latency= budgets"),
     (["--budget", "params=75%", "--pattern", "2:4"], "--pattern 2:4 does not apply"),
     (["--budget", "params=75%", "--pruner", "sparsegpt"], "--pruner sparsegpt does not apply"),
-    (["--budget", "params=60%:80%"], "a budget range is not supported"),
+    (["--budget", "params=60%:80%,flops=50%:70%"], "only one limit may be a range"),
+    (["--budget", "params=75%,params=80%"], "limits the same kind twice"),
+    (["--budget", "flops=70%@0"], "@N (a positive token count)"),
+    (["--budget", "memory=3parsecs"], "unknown unit 'parsecs' for memory"),
+    (["--budget", "flops=1%"], "flops ≤"),
     (["--budget", "params=75%", "--sampler", "evo"], "needs tpe, qmc or nsga2"),
     (["--budget", "params=75%", "--predictor", "on"], "needs --predictor off"),
     (["--budget", "params=120%"], "share in (0%, 100%]"),

@@ -24,12 +24,13 @@ def parse_duration(text: str) -> float:
 
 def cmd_search(args) -> int:
     from prunesearch.models import resolve_device
+    from search.budget import Budget
     from search.preflight import check_search_args
     from search.settings import SearchSettings, default_effort
     from search.study import run_search
 
     check_search_args(args)  # storage, budget, pattern, out, numbers: before the model loads
-    multi = ":" in args.budget
+    multi = Budget.parse(args.budget).ranged is not None
     width = args.space == "width"
     if args.width_score and not width:
         raise UsageError("--width-score only works with --space width")
