@@ -26,8 +26,9 @@ class Method:
     chosen over the whole layer, or per column block of the layer (SparseGPT's adaptive mask selection).
     ``updates_weights``: the kept weights change (error compensation), so a mask alone does not reproduce it.
     ``quantizes``: it can also quantize the kept weights (``wbits``). ``realizer``: how the search realizes it:
-    ``ranks`` (a threshold on weight ranks cached once), ``levels`` (a database of weights the pruner builds per
-    sparsity level), None (it cannot be searched). ``modifier``: the llm-compressor modifier applying it, if any.
+    ``ranks`` (a threshold on weight ranks cached once: ``search.scores``), ``levels`` (a database of the pruned
+    weights at every sparsity level: ``search.levels``, which builds it with SparseGPT's solver), None (it cannot be
+    searched). ``modifier``: the llm-compressor modifier applying it, if any.
     """
 
     name: str
