@@ -49,6 +49,7 @@ def test_sparsellm_cannot_be_searched_and_only_sparsegpt_quantizes():
 def test_declared_needs_selection_and_weight_update_hold(name, tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path / "cache"))  # GBLM's gradient cache
     method = METHODS[name]
+    assert make_pruner(name).name == name
     model = tiny_model("llama")
     lay = layout(model)
     dense = {n: get_weight(lay.projections[lay.block_of(n)][n]).clone() for n in lay.projection_names()}
