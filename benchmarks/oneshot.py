@@ -26,7 +26,8 @@ from prunesearch import data
 from prunesearch.default_model import DEFAULT_SEQLEN
 from prunesearch.evaluate import perplexity, windows
 from prunesearch.models import describe_model, load_model
-from pruners.oneshot import METHODS, global_sparsity, make_pruner, prune_model
+from pruners.methods import METHODS, get_method
+from pruners.oneshot import global_sparsity, make_pruner, prune_model
 from pruners.registry import layout
 from pruners.targets import SparsityConfig
 
@@ -126,7 +127,8 @@ def main() -> None:
             _sync(args.device)
             reset_peak(args.device)
             t = time.perf_counter()
-            result = prune_model(model, make_pruner(method), targets, calib if method != "magnitude" else None,
+            needs_calib = get_method(method).needs != "none"
+            result = prune_model(model, make_pruner(method), targets, calib if needs_calib else None,
                                  device=args.device, batch_size=args.batch_size)
             _sync(args.device)
             seconds = time.perf_counter() - t

@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from pruners.methods import get_method, names
 from search.engine import SearchSettings, default_effort, run_search
 from search.guided import Guide, GuideConfig
 
@@ -53,7 +54,7 @@ def search(settings: SearchSettings, run: Path, sampler: str, args) -> tuple[dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="model (default: the built-in one)")
-    ap.add_argument("--pruner", default="wanda", choices=["wanda", "magnitude", "gblm", "sparsegpt"])
+    ap.add_argument("--pruner", default="wanda", choices=names(searchable=True))
     ap.add_argument("--budgets", default="0.7,0.8")
     ap.add_argument("--samplers", default="guided,evo", help="comma list of guided, tpe, qmc, evo; the first one's "
                                                               "best is realized and reported beside the seeds")
@@ -121,8 +122,9 @@ def markdown(summary: dict, args, samplers: list[str], curves: pd.DataFrame, eff
     first = samplers[0]
     data = args.report.split(",")[0] if args.report else None
     windows = f"the first {args.report_limit} windows" if args.report_limit else "the full stream"
+    realized_from = "level database" if get_method(args.pruner).realizer == "levels" else "ranks"
     lines = ["# Allocation search vs heuristic allocations", "",
-             f"Model {args.model or 'built-in'}, {args.pruner} {'level database' if args.pruner == 'sparsegpt' else 'ranks'}, "
+             f"Model {args.model or 'built-in'}, {args.pruner} {realized_from}, "
              f"unstructured, {args.granularity} granularity, {args.trials} trials per run, device {args.device}. "
              f"Search fitness: KL to the dense model on {effort['fitness_samples']} held-out C4 sequences of "
              f"{effort.get('seqlen', 256)} tokens (docs 900-949 of the bundled sample; the first "

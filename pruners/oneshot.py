@@ -7,24 +7,16 @@ import time
 import torch
 from torch import nn
 
-from pruners.gblm import GBLM
-from pruners.magnitude import Magnitude
 from pruners.masks import Target
+from pruners.methods import get_method
 from pruners.registry import get_weight, layout, set_weight
-from pruners.sparsegpt import SparseGPT
-from pruners.sparsellm import SparseLLM
 from pruners.walker import collect_stats, run_block, walk
-from pruners.wanda import Wanda
-from prunesearch.safety import UserError
-
-METHODS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT, "gblm": GBLM, "sparsellm": SparseLLM}
 
 
 def make_pruner(method: str, **options):
-    """Instantiate a pruner by name; options are the method's own (e.g. ``wbits`` for SparseGPT)."""
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[method](**{k: v for k, v in options.items() if v is not None})
+    """Instantiate a pruner by name (``pruners.methods``); options are the method's own (e.g. ``wbits`` for
+    SparseGPT)."""
+    return get_method(method).cls(**{k: v for k, v in options.items() if v is not None})
 
 
 def extra_stats(pruner, model: nn.Module, calib_ids: torch.Tensor | None, device: torch.device | str = "cpu"

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from pruners.methods import METHODS, names
 from prunesearch import __version__
 from prunesearch.commands.common import UsageError
 from prunesearch.commands.evaluate import cmd_eval
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     add_calib_options(p)
     p.add_argument("--method", required=True,
-                   choices=["magnitude", "wanda", "sparsegpt", "gblm", "sparsellm", "width"],
+                   choices=[*METHODS, "width"],
                    help="width removes attention heads and MLP channels (structured); the others zero weights")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="uniform sparsity in [0, 1)")
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--space width: importance of heads and channels (default: flap)")
     p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (layers get k:M levels)")
     p.add_argument("--granularity", default="block", choices=["block", "projection"])
-    p.add_argument("--pruner", default="wanda", choices=["wanda", "magnitude", "gblm", "sparsegpt"],
+    p.add_argument("--pruner", default="wanda", choices=names(searchable=True),
                    help="wanda/magnitude/gblm: cached weight ranks (gblm with its default α and norm); sparsegpt: "
                         "a level database (default: wanda)")
     p.add_argument("--level-step", type=float, default=0.025,

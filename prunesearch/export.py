@@ -10,13 +10,20 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from pruners.methods import METHODS, modifiers
 from prunesearch.files import read_json, read_parquet
 from prunesearch.safety import UserError
 
 # trials.parquet columns that describe how every fitness of a run was measured (see search.results.trials_frame)
 PROTOCOL = ("model", "budget", "pattern", "granularity", "pruner", "fitness_kind", "fitness_data", "fitness_samples",
             "low_fidelity_samples", "seqlen", "calib", "nsamples", "seed")
-MODIFIERS = {"sparsegpt": "SparseGPTModifier", "wanda": "WandaPruningModifier"}
+FALLBACK_MODIFIER = "wanda"  # for a search pruner without a modifier: Wanda's selects without updating weights
+
+
+def modifier_for(pruner: str) -> str:
+    """The method whose llm-compressor modifier applies a search's allocation: the search pruner's, else Wanda's."""
+    method = METHODS.get(pruner)
+    return pruner if method is not None and method.modifier else FALLBACK_MODIFIER
 
 
 def read_trials(run: Path) -> pd.DataFrame:
@@ -93,8 +100,9 @@ def recipe(config: dict, lay, method: str) -> dict:
     ``targets`` are the exact projections at that sparsity (``mask_structure`` k:M for an N:M pattern)."""
     from pruners.targets import SparsityConfig
 
-    if method not in MODIFIERS:
-        raise UserError(f"llm-compressor modifier must be one of {', '.join(MODIFIERS)}, got {method!r}")
+    modifier = modifiers().get(method)
+    if modifier is None:
+        raise UserError(f"llm-compressor modifier must be one of {', '.join(modifiers())}, got {method!r}")
     targets = SparsityConfig.from_dict(config).resolve(lay)
     levels: dict[tuple[float, int], list[str]] = defaultdict(list)
     for name, t in targets.items():
@@ -104,7 +112,7 @@ def recipe(config: dict, lay, method: str) -> dict:
     for i, ((sparsity, m), names) in enumerate(sorted(levels.items())):
         args = {"sparsity": sparsity, "mask_structure": f"{round(sparsity * m)}:{m}" if m else "0:0",
                 "targets": names, "ignore": ["re:.*lm_head"]}
-        stages[f"prune_{i:03d}_stage"] = {"run_type": "oneshot", "sparsity_modifiers": {MODIFIERS[method]: args}}
+        stages[f"prune_{i:03d}_stage"] = {"run_type": "oneshot", "sparsity_modifiers": {modifier: args}}
     return stages
 
 
@@ -120,7 +128,7 @@ def recipe_text(config: dict, lay, method: str) -> str:
     return "\n".join(head) + "\n" + yaml.safe_dump(stages, sort_keys=False, width=120)
 
 
-def write(configs: list[dict], fmt: str, out: Path, lay=None, method: str = "wanda") -> list[Path]:
+def write(configs: list[dict], fmt: str, out: Path, lay=None, method: str | None = None) -> list[Path]:
     """Write one config to the file ``out``, or several to the folder ``out`` (one file each)."""
     ext = {"json": ".json", "yaml": ".yaml", "llmcompressor": ".yaml"}[fmt]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prunesearch.commands.common import UsageError, log, perplexities, print_sparsity
+from pruners.methods import METHODS, modifiers
+from prunesearch.commands.common import UsageError, check_wbits, log, perplexities, print_sparsity
 from prunesearch.commands.options import add_calib_options, add_model_options
 from prunesearch.safety import check_out
 
@@ -22,9 +23,9 @@ def add_commands(sub) -> None:
     p.add_argument("--format", default="json", choices=["json", "yaml", "llmcompressor"],
                    help="json/yaml: files `prune --config` reads; llmcompressor: a recipe for llmcompressor.oneshot "
                         "(default: json)")
-    p.add_argument("--modifier", choices=["sparsegpt", "wanda"],
-                   help="llmcompressor only: SparseGPTModifier or WandaPruningModifier (default: sparsegpt for a "
-                        "sparsegpt search, else wanda)")
+    p.add_argument("--modifier", choices=list(modifiers()),
+                   help=f"llmcompressor only: {' or '.join(modifiers().values())} (default: the search pruner's "
+                        "own, else wanda)")
     p.add_argument("--model", help="llmcompressor only: the model folder, if it moved since the search")
     p.add_argument("--out", required=True, help="output file (one allocation) or folder (several)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -46,7 +47,7 @@ def add_commands(sub) -> None:
     which.add_argument("--config", help="a config file (export output, best_config.json, pareto/*.json)")
     add_model_options(p)
     add_calib_options(p)
-    p.add_argument("--method", required=True, choices=["sparsegpt", "sparsellm", "gblm", "wanda", "magnitude"])
+    p.add_argument("--method", required=True, choices=list(METHODS))
     p.add_argument("--wbits", type=int, help="SparseGPT only: also quantize the kept weights to this many bits")
     p.add_argument("--ppl", default="wikitext2,ptb", help="report datasets for perplexity (default: wikitext2,ptb; "
                                                          "ptb needs --data-dir offline; '' for none)")
@@ -76,8 +77,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "llmcompressor":
         meta = configs[0]["meta"]
         lay = export.model_layout(args.model or meta["model"])
-        method = method or ("sparsegpt" if meta["pruner"] == "sparsegpt" else "wanda")
-    paths = export.write(configs, args.format, out, lay, method or "wanda")
+        method = method or export.modifier_for(meta["pruner"])
+    paths = export.write(configs, args.format, out, lay, method)
     for config, path in zip(configs, paths):
         meta = config["meta"]
         print(f"trial {meta['trial']:>5} {meta['fitness_kind']} {meta['fitness']:.5f} sparsity "
@@ -107,8 +108,7 @@ def cmd_realize(args: argparse.Namespace) -> int:
     from prunesearch.realize import check_eval_data, load_choice, realize_report
 
     out = check_out(args.out, args.overwrite)
-    if args.wbits is not None and (args.method != "sparsegpt" or not 2 <= args.wbits <= 8):
-        raise UsageError("--wbits takes 2..8 and only works with --method sparsegpt")
+    check_wbits(args.method, args.wbits)
     if args.nsamples < 1:
         raise UsageError("--nsamples must be at least 1")
     config, meta, origin = load_choice(args.run, args.config)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pruners.masks import Target, pruned_count
+from pruners.methods import get_method
 from pruners.oneshot import extra_stats, make_pruner
 from pruners.registry import ModelLayout, get_weight, set_weight
 from pruners.walker import collect_stats, run_block, walk
@@ -45,6 +46,7 @@ class ScoreCache:
         """Walk the dense model once: Wanda statistics (and the pruner's extra statistics, e.g. GBLM's gradient
         norms) per projection → scores, ranks and outlier ratios."""
         pruner, wanda = make_pruner(method), make_pruner("wanda")
+        per_row = get_method(method).selection == "row"
         ranks: dict[str, torch.Tensor] = {}
         outliers: list[float] = []
         extra = extra_stats(pruner, model, calib_ids, device)
@@ -57,12 +59,12 @@ class ScoreCache:
                 w = get_weight(module).float()
                 metric = wanda.score(w, stats[name])
                 metrics.append(metric.flatten())
-                ranks[name] = _ranks(pruner.score(w, stats[name]), pruner.name != "magnitude", m).cpu()
+                ranks[name] = _ranks(pruner.score(w, stats[name]), per_row, m).cpu()
             metric = torch.cat(metrics)
             outliers.append(100.0 * (metric > owl_m * metric.mean()).float().mean().item())
 
         walk(model, calib_ids, visit, device=device, batch_size=batch_size)
-        return cls(ranks, pruner.name != "magnitude", m, outliers)
+        return cls(ranks, per_row, m, outliers)
 
     def save(self, path) -> None:
         tensors = {name: r.contiguous() for name, r in self.ranks.items()}  # Conv1D ranks are transposed views

@@ -1,5 +1,6 @@
-"""The settings that define a study (``SearchSettings``), checked once before anything loads, and the defaults a
-search measures with when the user gives none (``EFFORT``, the per-unit bounds, the budget-range levels)."""
+"""The settings that define a study (``SearchSettings``), checked once before anything loads, the pruners a search
+can realize fast (``PRUNERS``, the searchable methods of ``pruners.methods``) and the defaults a search measures
+with when the user gives none (``EFFORT``, the per-unit bounds, the budget-range levels)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from pruners.methods import METHODS, get_method, names
 from prunesearch.safety import UserError
 
 LEVEL_PARAM = "budget_level"  # a multi-objective trial's budget: level k of RANGE_LEVELS steps across the range
 RANGE_LEVELS = 20
-PRUNERS = ("wanda", "magnitude", "gblm", "sparsegpt")
+PRUNERS = tuple(names(searchable=True))
 SPACES = ("sparsity", "width")
 # Default per-unit bounds: budget ± BOUND_WIDTH, inside [0, 0.99]. The best allocations of a real model span wide:
 # SmolLM2-135M at 70% wants ~0.4 in the first blocks and ~0.9 in the last (a ± 0.2 box cut that optimum off).
@@ -66,10 +68,18 @@ class SearchSettings:
 
         return Budget.parse(self.budget).ranged is not None
 
+    @property
+    def realizer(self) -> str:
+        """How the search realizes the pruner's candidates: ``ranks`` (cached weight ranks) or ``levels`` (a
+        database of weights per sparsity level, which the pruner builds because it updates the kept weights)."""
+        return get_method(self.pruner).realizer
+
     def validate(self) -> None:
         """Refuse settings that are wrong whatever the model, before anything is loaded or written."""
         if self.pruner not in PRUNERS:
-            raise UserError(f"search pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
+            why = (f" ({self.pruner} cannot be searched; search with one of these and realize the result with "
+                   f"--method {self.pruner})" if self.pruner in METHODS else "")
+            raise UserError(f"search pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}{why}")
         if not 0 < self.level_step < 1:
             raise UserError(f"level step must be in (0, 1), got {self.level_step}")
         if self.fitness not in ("kl", "ppl"):
@@ -78,9 +88,9 @@ class SearchSettings:
             raise UserError("need 0 < low-fidelity samples <= fitness samples")
         if self.multi_objective and self.sampler == "evo":
             raise UserError("the evolutionary sampler keeps one budget; a budget range needs nsga2, tpe or qmc")
-        if self.multi_objective and self.pruner == "sparsegpt":
-            raise UserError("the SparseGPT level database is built for one budget; a budget range needs wanda, "
-                            "magnitude or gblm")
+        if self.multi_objective and self.realizer == "levels":
+            raise UserError(f"the {self.pruner} level database is built for one budget; a budget range needs one of "
+                            f"{', '.join(names(realizer='ranks'))}")
         from pruners.masks import parse_pattern
         from search.budget import WIDTH_KINDS, Budget
 

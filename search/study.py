@@ -50,7 +50,7 @@ def open_study(settings: SearchSettings, out: Path, storage: str | None, study_n
     study = optuna.create_study(study_name=study_name, storage=storage_obj, pruner=pruner, directions=directions,
                                 load_if_exists=True)
     done = len(study.get_trials(deepcopy=False))
-    step = settings.level_step if settings.pruner == "sparsegpt" else 0.02
+    step = settings.level_step if settings.realizer == "levels" else 0.02
     seed = storages.sampler_seed(settings.seed, worker, done, shared=storage is not None)
     study.sampler = make_sampler(settings.sampler, space, seed, step)
     return study

@@ -78,7 +78,7 @@ class Workspace:
     def _prepare_realizer(self, device: str, batch_size: int) -> None:
         """The pruner's cached weight ranks (or SparseGPT level database) and the realizer that applies them."""
         settings, cache = self.settings, self.cache
-        if settings.pruner == "sparsegpt":
+        if settings.realizer == "levels":
             self.scores = self._level_database(cache, device, batch_size)
             self.realizer = LevelRealizer(self.lay, self.scores)
         else:
@@ -148,7 +148,7 @@ class Workspace:
         alloc = space.project(x)
         if self.m:
             return space.snap(alloc, self.m)
-        if self.settings.pruner == "sparsegpt":
+        if self.settings.realizer == "levels":
             return space.snap_levels(alloc, self.settings.level_step)
         return alloc
 

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import saved_tiny_model
 from prunesearch.cli import main
+from pruners.methods import names
 from pruners.oneshot import sparsity_table
 
 
@@ -23,7 +24,7 @@ def model_dir(tmp_path, tiny_tokenizer, family):
     return saved_tiny_model(tmp_path / f"tiny-{family}", tiny_tokenizer, family, layers=3)
 
 
-@pytest.mark.parametrize("pruner", ["magnitude", "wanda", "gblm", "sparsegpt"])
+@pytest.mark.parametrize("pruner", names(searchable=True))
 def test_search_and_realize_on_every_family(family, pruner, model_dir, calib_file, tmp_path, capsys):
     calib = calib_file
     run = tmp_path / "run"
@@ -35,8 +36,7 @@ def test_search_and_realize_on_every_family(family, pruner, model_dir, calib_fil
     report = json.loads((run / "report.json").read_text())
     assert report["complete"] == 5 and report["best"]["fitness"] > 0  # the five heuristic seeds, each measured
     out = tmp_path / "pruned"
-    method = "sparsegpt" if pruner == "sparsegpt" else pruner
-    assert main(["prune", *common, "--method", method, "--config", str(run / "best_config.json"),
+    assert main(["prune", *common, "--method", pruner, "--config", str(run / "best_config.json"),
                  "--out", str(out)]) == 0
     rows = sparsity_table(AutoModelForCausalLM.from_pretrained(out))
     pruned = sum(r["actual_sparsity"] * r["shape"][0] * r["shape"][1] for r in rows)

@@ -16,6 +16,14 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def check_wbits(method: str, wbits: int | None) -> None:
+    """``--wbits`` takes 2..8 bits and only a method that quantizes (``pruners.methods``); refuse it before loading."""
+    from pruners.methods import get_method, names
+
+    if wbits is not None and (not get_method(method).quantizes or not 2 <= wbits <= 8):
+        raise UsageError(f"--wbits takes 2..8 and only works with --method {' or '.join(names(quantizes=True))}")
+
+
 def targets_config(args):
     from pruners.targets import SparsityConfig
 

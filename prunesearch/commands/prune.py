@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prunesearch.commands.common import UsageError, log, model_seqlen, perplexities, print_sparsity, targets_config
+from prunesearch.commands.common import (UsageError, check_wbits, log, model_seqlen, perplexities, print_sparsity,
+                                         targets_config)
 from prunesearch.safety import check_out
 
 
@@ -37,8 +38,7 @@ def cmd_prune(args) -> int:
     if args.method == "width":
         return _prune_width(args, out)
     config = targets_config(args)
-    if args.wbits is not None and (args.method != "sparsegpt" or not 2 <= args.wbits <= 8):
-        raise UsageError("--wbits takes 2..8 and only works with --method sparsegpt")
+    check_wbits(args.method, args.wbits)
     check_pattern_fits(args.model, config.m)  # before the model loads
     device = resolve_device(args.device)
     job = PruneJob(config, args.method, options, args.model, device, args.dtype, args.calib,
