@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "latency= (e.g. flops=60%%, memory=300MB@2048, latency=40ms@512; @N: tokens, default "
                         "--seqlen) and several joined by commas; a range such as sparsity=0.6:0.8 searches the "
                         "Pareto front of fitness against that budget")
+    p.add_argument("--latency-table", help="latency= budgets: a table measured on the serving device (the JSON a "
+                                           "width run caches as cache/latency-*.json); default: measured here once")
     p.add_argument("--width-score", choices=["wanda", "flap"],
                    help="--space width: importance of heads and channels (default: flap)")
     p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (layers get k:M levels)")

@@ -49,6 +49,7 @@ def trials_frame(study: optuna.Study, ws: Workspace):
                "budget_sparsity": t.user_attrs.get("budget_sparsity"), "start": t.datetime_start}
         alloc = t.user_attrs.get("allocation")
         row["nonzero_params"] = ws.nonzero_params(np.asarray(alloc)) if alloc else None
+        row.update(ws.budget_columns(t))
         row.update(ws.unit_columns(alloc))
         for u in ws.space.units:
             row[param_name(u)] = t.params.get(param_name(u))

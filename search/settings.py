@@ -60,6 +60,7 @@ class SearchSettings:
     level_step: float = 0.025
     space: str = "sparsity"
     width_score: str = "flap"
+    latency_table: str | None = None  # a latency= budget's table (pruners.width.latency JSON); None: measure here
 
     @property
     def multi_objective(self) -> bool:

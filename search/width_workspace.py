@@ -9,6 +9,7 @@ import json
 import logging
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from pruners.width.geometry import geometry
 from pruners.width.importance import importance
 from pruners.width.latency import LatencyTable
 from prunesearch.files import atomic_path, load_or_build
+from prunesearch.safety import UserError
 from search.budget import Budget
 from search.seeds import width_seeds
 from search.width_realizer import WidthRealizer, load_importance, save_importance
@@ -48,8 +50,17 @@ class WidthWorkspace(Workspace):
             self.target_range = (1.0 - self.space.target,) * 2  # the share of the units' parameters removed
 
     def _latency_table(self, tokens: int) -> LatencyTable:
-        """This device's latency table at ``tokens`` (batch 1), measured once and cached per model, device, host
-        and thread count."""
+        """The latency table at ``tokens`` (batch 1): the user's (``--latency-table``, e.g. measured on the device
+        the model will serve on), or this device's, measured once and cached per model, device, host and threads."""
+        if self.settings.latency_table:
+            table = LatencyTable.load(Path(self.settings.latency_table))
+            dense = self.geom.widths[0]
+            if table.tokens != tokens or table.groups[-1] != dense.kv_heads or table.channels[-1] != dense.intermediate:
+                raise UserError(f"--latency-table {self.settings.latency_table} was measured at {table.tokens} tokens "
+                                f"for blocks of {table.groups[-1]} key/value groups and {table.channels[-1]} MLP "
+                                f"channels; this budget needs {tokens} tokens and the model has {dense.kv_heads} and "
+                                f"{dense.intermediate}")
+            return table
         device = str(next(self.model.parameters()).device)
         key = hashlib.sha256(json.dumps([str(self.source), tokens, device, torch.get_num_threads(), platform.node()]
                                         ).encode()).hexdigest()[:12]
@@ -122,6 +133,10 @@ class WidthWorkspace(Workspace):
         """Kept share of every unit."""
         return {u: float(v) for u, v in zip(self.space.units, self.space.shares(alloc))}
 
+    def budget_columns(self, t) -> dict:
+        """What every limit counts of a trial's allocation (parameters, FLOPs per token, bytes, ms)."""
+        return {c.kind: t.user_attrs.get(c.kind) for c in self.space.constraints}
+
     def unit_columns(self, alloc: list | None) -> dict:
         """``w[unit]``: the key/value groups or MLP channels a unit keeps."""
         return {f"w[{u}]": int(alloc[i]) if alloc else None for i, u in enumerate(self.space.units)}
@@ -129,7 +144,9 @@ class WidthWorkspace(Workspace):
     def config(self, alloc: np.ndarray, meta: dict) -> dict:
         """The ``width`` section of ``prune --method width --config``, with the search's protocol."""
         return self.space.to_config(alloc, meta | {"space": "width", "params": self.nonzero_params(alloc),
-                                                   "width_score": self.settings.width_score})
+                                                   "width_score": self.settings.width_score,
+                                                   "budget_counts": self.space.amounts(alloc),
+                                                   "budget_limits": [c.describe() for c in self.space.constraints]})
 
     @property
     def realized_with(self) -> str:

@@ -171,6 +171,10 @@ class Workspace:
         """What a trial records about its allocation's budget."""
         return {"budget_sparsity": self.space.mean(alloc)}
 
+    def budget_columns(self, t) -> dict:
+        """Extra columns of the trials table about a trial's budget (none: ``budget_sparsity`` says it all)."""
+        return {}
+
     def unit_values(self, alloc: np.ndarray) -> dict[str, float]:
         """An allocation per unit, as the summary shows it (sparsity)."""
         return {u: float(v) for u, v in zip(self.space.units, alloc)}

@@ -62,8 +62,15 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: Path) -> LatencyTable:
-        raw = json.loads(Path(path).read_text())
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        """Read a table ``save`` wrote (a missing or malformed file is one clear error)."""
+        from prunesearch.files import read_json
+        from prunesearch.safety import UserError
+
+        raw = read_json(Path(path), "latency table")
+        try:
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        except TypeError as e:
+            raise UserError(f"{path} is not a latency table ({e})") from None
 
 
 def _grid(n: int) -> list[int]:

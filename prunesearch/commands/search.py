@@ -34,6 +34,8 @@ def cmd_search(args) -> int:
     width = args.space == "width"
     if args.width_score and not width:
         raise UsageError("--width-score only works with --space width")
+    if args.latency_table and not (width and "latency" in Budget.parse(args.budget).kinds):
+        raise UsageError("--latency-table only works with --space width and a latency= budget")
     if width and args.predictor == "on":
         raise UsageError("the accuracy predictor's features describe sparsity allocations; --space width needs "
                          "--predictor off")
@@ -46,7 +48,7 @@ def cmd_search(args) -> int:
         pruner=args.pruner, fitness=args.fitness, sampler=args.sampler or ("nsga2" if multi else "tpe"),
         min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, calib=args.calib, seed=args.seed,
         data_dir=args.data_dir, level_step=args.level_step, space=args.space,
-        width_score=args.width_score or "flap", **effort,
+        width_score=args.width_score or "flap", latency_table=args.latency_table, **effort,
     )
     time_budget = parse_duration(args.time_budget) if args.time_budget else None
     out = Path(args.out)
