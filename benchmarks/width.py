@@ -33,6 +33,7 @@ from prunesearch import data
 from prunesearch.evaluate import perplexity, windows
 from prunesearch.models import default_seqlen, load_model
 from prunesearch.pareto import non_dominated
+from pruners.width import latency
 from pruners.width.allocation import from_config, global_ranking, uniform_params
 from pruners.width.counting import Shapes, flops_per_token, memory_bytes, shapes
 from pruners.width.geometry import BlockWidth, Geometry, geometry
@@ -178,9 +179,11 @@ def main() -> None:
             print(f"{label:>20}: {rows[-1]['params']:,} params (budget {budget:,}), ppl {rows[-1]['ppl']:.3f}",
                   flush=True)
     timing = speed(models, args.reps)
+    table = latency.measure(dense, geometry(dense), CONTEXT, reps=args.reps)  # what a latency= budget predicts with
     dense_flops = flops_per_token(s, geom.widths, CONTEXT)
     for r in rows:
         r.update(flops_per_token=flops_per_token(s, r["widths"], CONTEXT),
+                 table_prefill=table.predict(r["widths"]) / 1e3,
                  memory=memory_bytes(s, r["widths"], CONTEXT), **timing[r.get("label", "dense")])
         r["flops_ratio"] = r["flops_per_token"] / dense_flops
         r["widths"] = [[w.heads, w.kv_heads, w.intermediate] for w in r["widths"]]
@@ -224,17 +227,23 @@ def markdown(rows: list[dict], searches: dict, protocol: dict, score_s: float, a
              f"(FLOPs per token at seqlen {CONTEXT}, pruners/width/counting.py; also one decoded token's FLOPs over "
              "that cache), stated beside the measurement, not a model of it. Front: on the Pareto front of (PPL, "
              "prefill ms) / (PPL, decode ms) among all rows. KV cache at that context, float32.", "",
-             "| allocation | removed | params | PPL | prefill ms | predicted | speedup | decode ms | predicted "
+             "| allocation | removed | params | PPL | prefill ms | predicted | table | speedup | decode ms | predicted "
              "| speedup | front prefill/decode | MFLOPs/token | KV KiB | widths (heads/kv/channels per block) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         widths = " ".join(f"{h}/{kv}/{c}" for h, kv, c in r["widths"])
         front = "/".join("yes" if r[f"front_{k}"] else "-" for k in ("prefill", "decode"))
         lines.append(f"| {r['allocation']} | {r['removed']:.1%} | {r['params']:,} | {r['ppl']:.3f} | "
                      f"{1e3 * r['prefill']:.2f} | {1e3 * base['prefill'] * r['flops_ratio']:.2f} | "
+                     f"{1e3 * r['table_prefill']:.2f} | "
                      f"{base['prefill'] / r['prefill']:.2f}x | {1e3 * r['decode']:.2f} | "
                      f"{1e3 * base['decode'] * r['flops_ratio']:.2f} | {base['decode'] / r['decode']:.2f}x | {front} | "
                      f"{r['flops_per_token'] / 1e6:.2f} | {r['memory']['kv_cache'] / 1024:.0f} | {widths} |")
+    errors = [abs(r["table_prefill"] / r["prefill"] - 1) for r in rows]
+    lines += ["", f"Table = the prefill latency a `latency=` budget predicts (pruners/width/latency.py: the dense "
+                  f"forward, one block and block 0 sliced over a grid, measured in this run): off the measured "
+                  f"prefill by {100 * statistics.median(errors):.1f}% (median over rows), {100 * max(errors):.1f}% "
+                  "at most."]
     for kind in ("prefill", "decode"):
         front = sorted((r for r in rows if r[f"front_{kind}"]), key=lambda r: r[kind])
         lines += ["", f"Pareto front of PPL against {kind} latency: " + ", ".join(

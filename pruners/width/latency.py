@@ -77,14 +77,18 @@ def _grid(n: int) -> list[int]:
     return list(range(1, n + 1)) if n <= GRID else sorted({int(round(v)) for v in np.linspace(1, n, GRID)})
 
 
-def _median_ms(run, reps: int) -> float:
-    run()  # warm-up: allocator, kernels, caches
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
+def _interleaved_ms(runs: dict, reps: int) -> dict:
+    """Median milliseconds of each callable, repetitions interleaved so that load drifting over the measurement
+    shifts every entry alike (one warm-up call each first)."""
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    times: dict = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, run in runs.items():
+            t = time.perf_counter()
+            run()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def _one_block(geom: Geometry, block: nn.Module) -> Geometry:
@@ -103,17 +107,20 @@ def measure(model: nn.Module, geom: Geometry, tokens: int, reps: int = 5, seed: 
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
     batches = capture_inputs(model, ids, 1, device, geom.layout)
-    dense = _median_ms(lambda: model(input_ids=ids.to(device), use_cache=False), reps)
-    block_ms = _median_ms(lambda: run_block(geom.block(0), batches), reps)
     full = geom.widths[0]
-
-    def sliced(groups: int, channels: int) -> float:
-        g = _one_block(geom, copy.deepcopy(geom.block(0)))
-        slice_block(g, 0, list(range(groups)), list(range(channels)))
-        return _median_ms(lambda: run_block(g.block(0), batches), reps)
-
     groups, channels = _grid(full.kv_heads), _grid(full.intermediate)
-    attention = [block_ms if k == full.kv_heads else sliced(k, full.intermediate) for k in groups]
-    mlp = [block_ms if c == full.intermediate else sliced(full.kv_heads, c) for c in channels]
-    return LatencyTable(tokens, str(device), torch.get_num_threads(), dense, block_ms, tuple(groups),
+
+    def sliced(kv: int, mlp: int):
+        g = _one_block(geom, copy.deepcopy(geom.block(0)))
+        slice_block(g, 0, list(range(kv)), list(range(mlp)))
+        return lambda: run_block(g.block(0), batches)
+
+    runs = {"dense": lambda: model(input_ids=ids.to(device), use_cache=False),
+            "block": lambda: run_block(geom.block(0), batches)}
+    runs |= {("attn", k): sliced(k, full.intermediate) for k in groups if k != full.kv_heads}
+    runs |= {("mlp", c): sliced(full.kv_heads, c) for c in channels if c != full.intermediate}
+    ms = _interleaved_ms(runs, reps)
+    attention = [ms.get(("attn", k), ms["block"]) for k in groups]
+    mlp = [ms.get(("mlp", c), ms["block"]) for c in channels]
+    return LatencyTable(tokens, str(device), torch.get_num_threads(), ms["dense"], ms["block"], tuple(groups),
                         tuple(attention), tuple(channels), tuple(mlp))
