@@ -106,9 +106,7 @@ def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str,
     frame = trials_frame(study, ws)
     with atomic_path(out / "trials.parquet") as tmp:
         frame.to_parquet(tmp, index=False)
-    record = ws.space_record()
-    if record is not None:
-        record.save(out / "space.json")
+    ws.space_record().save(out / "space.json")
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not complete:
         return {"trials": len(frame), "best": None, "interrupted": interrupted}

@@ -16,6 +16,7 @@ from pruners.width.importance import importance
 from prunesearch.files import load_or_build
 from search.seeds import width_seeds
 from search.width_realizer import WidthRealizer, load_importance, save_importance
+from search.width_record import WidthRecord
 from search.width_space import make_width_space
 from search.workspace import Workspace
 
@@ -93,6 +94,7 @@ class WidthWorkspace(Workspace):
         """Mask the allocation's widths: the outputs of the model ``prune --method width`` slices."""
         self.realize(alloc)
 
-    def space_record(self) -> None:
-        """None: the accuracy predictor's features describe sparsity allocations, not widths."""
-        return None
+    def space_record(self) -> WidthRecord:
+        """What ``space.json`` records of a width run (``search.width_record``): units, dense counts, parameters
+        per group or channel, and the budget."""
+        return WidthRecord.from_workspace(self)
