@@ -18,9 +18,10 @@ from search.workspace import Workspace
 
 
 def _target(ws: Workspace, t: optuna.trial.FrozenTrial) -> float | None:
-    """A trial's budget sparsity; None for a range trial still queued (its budget level is not drawn yet)."""
+    """A trial's budget sparsity (a width run: the share of the units' parameters removed, as its
+    ``budget_sparsity``); None for a range trial still queued (its budget level is not drawn yet)."""
     if not ws.multi:
-        return ws.space.target
+        return ws.target_range[0]
     level = t.params.get(LEVEL_PARAM)
     return None if level is None else ws.range_target(level)
 

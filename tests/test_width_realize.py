@@ -80,6 +80,10 @@ def test_width_run_records_its_space_reports_widths_and_refuses_sparsity_tools(w
     assert space["dense_params"] == total == space["fixed"] + sum(n * c for n, c in zip(space["counts"],
                                                                                        space["costs"]))
     assert space["budget_params"] == int(0.75 * total) and space["width_score"] == "flap"
+    frame = pd.read_parquet(width_run / "trials.parquet")  # the target and the trials' budget share mean the same
+    assert frame["target_sparsity"].iloc[0] == pytest.approx(1 - (space["budget_params"] - space["fixed"])
+                                                             / (space["dense_params"] - space["fixed"]))
+    assert (frame["budget_sparsity"] >= frame["target_sparsity"] - 1e-12).all()
 
     html = tmp_path / "report.html"
     assert main(["report", str(width_run), "--out", str(html)]) == 0
