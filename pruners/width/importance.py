@@ -11,57 +11,20 @@ The mean inputs are kept too, for FLAP's bias compensation.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pruners.registry import get_weight
-from pruners.walker import run_block, walk
+from pruners.walker import InputStats, collect_stats, run_block, walk
 from pruners.width.geometry import Geometry, geometry, sub
 from prunesearch.safety import UserError
 
 METRICS = ("wanda", "flap")
 
 
-class _Moments:
-    """Per-column sum and sum of squares of a layer's inputs over calibration tokens (float64)."""
-
-    def __init__(self, columns: int, device) -> None:
-        self.sum = torch.zeros(columns, dtype=torch.float64, device=device)
-        self.sq = torch.zeros(columns, dtype=torch.float64, device=device)
-        self.ntok = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.sum += x.sum(0)
-        self.sq += (x * x).sum(0)
-        self.ntok += x.shape[0]
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.sum / max(self.ntok, 1)
-
-    @property
-    def var(self) -> torch.Tensor:
-        return ((self.sq - self.ntok * self.mean ** 2) / max(self.ntok - 1, 1)).clamp_min(0)
-
-
-@contextmanager
-def _moments(modules: list[nn.Module]) -> Iterator[list[_Moments]]:
-    stats = [_Moments(get_weight(m).shape[1], m.weight.device) for m in modules]
-    handles = [m.register_forward_hook(lambda _m, inp, _out, s=s: s.add(inp[0].detach()))
-               for m, s in zip(modules, stats)]
-    try:
-        yield stats
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def column_scores(module: nn.Module, stats: _Moments, metric: str) -> torch.Tensor:
+def column_scores(module: nn.Module, stats: InputStats, metric: str) -> torch.Tensor:
     """Score of each input column of an output projection under ``metric``."""
     w = get_weight(module).double()
     if metric == "wanda":
@@ -99,8 +62,9 @@ def importance(model: nn.Module, calib_ids: torch.Tensor, metric: str = "flap", 
 
     def visit(i: int, block: nn.Module, batches) -> None:
         out, down = sub(block, geom.heads.out), sub(block, geom.ffn.down)
-        with _moments([out, down]) as (attn, mlp):
+        with collect_stats({"attn": out, "mlp": down}, full=False, dtype=torch.float64) as stats:
             run_block(block, batches)
+        attn, mlp = stats["attn"], stats["mlp"]
         span = geom.group * geom.head_dim
         result.groups.append(column_scores(out, attn, metric).view(-1, span).sum(1).cpu())
         result.channels.append(column_scores(down, mlp, metric).cpu())
