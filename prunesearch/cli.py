@@ -29,7 +29,8 @@ def _add_sparsellm_options(p: argparse.ArgumentParser) -> None:
 
 def _add_width_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("width (--method width)")
-    g.add_argument("--width-score", help="unit importance: flap (fluctuation, default) or wanda (|W|·||X||)")
+    g.add_argument("--width-score", help="unit importance: flap (fluctuation, default), wanda (|W|·||X||) or taylor "
+                                         "(Σ|W·∂L/∂W|, one gradient pass)")
     g.add_argument("--width-allocation", choices=["uniform", "global"],
                    help="with --width: every block keeps that share (uniform, default), or the model keeps that "
                         "share of its block parameters, the lowest FLAP-standardized units removed model-wide")
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparsity=P (mean over prunable weights) or params=N (nonzero parameters, e.g. 4.5M, or a "
                         "share of the dense model such as 75%%); a range such as sparsity=0.6:0.8 searches the "
                         "Pareto front of fitness against sparsity")
-    p.add_argument("--width-score", choices=["wanda", "flap"],
+    p.add_argument("--width-score", choices=["wanda", "flap", "taylor"],
                    help="--space width: importance of heads and channels (default: flap)")
     p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (layers get k:M levels)")
     p.add_argument("--granularity", default="block", choices=["block", "projection"])
