@@ -59,6 +59,9 @@ class SpaceRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> SpaceRecord:
+        if d.get("space") == "width":
+            raise UserError("a width run's space.json records widths; the accuracy predictor's features describe "
+                            "sparsity allocations")
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**fields)
 

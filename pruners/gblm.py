@@ -27,13 +27,15 @@ from prunesearch.safety import UserError
 log = logging.getLogger(__name__)
 
 NORMS = ("l2", "l1")
+REDUCTIONS = (*NORMS, "mean")  # what gradient_pass accumulates: GBLM's norms, or the plain mean (Taylor importance)
 SCALE = 100.0
 
 
 def gradient_pass(model: nn.Module, calib_ids: torch.Tensor, norm: str = "l2", scale: float = SCALE,
                   device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """G per prunable projection (``nn.Linear`` layout, fp32, on CPU): the ``norm`` over calibration sequences of
-    ``scale`` times the gradient of that sequence's causal-LM loss (labels = inputs, mean over tokens).
+    ``scale`` times the gradient of that sequence's causal-LM loss (labels = inputs, mean over tokens); ``norm``
+    ``mean`` averages the signed gradients instead, which gives ``scale`` times the gradient of the mean loss.
 
     The model runs in eval mode (no dropout, so the pass is deterministic; LLaMA-style models have none anyway) on
     ``device`` and returns where it was. Only projection weights require grad. Accumulation is streamed: as soon
@@ -41,8 +43,8 @@ def gradient_pass(model: nn.Module, calib_ids: torch.Tensor, norm: str = "l2", s
     frees it, so the device never holds more than the gradients in flight, and the CPU holds one fp32 tensor per
     projection weight.
     """
-    if norm not in NORMS:
-        raise UserError(f"GBLM norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if norm not in REDUCTIONS:
+        raise UserError(f"gradient reduction must be one of {', '.join(REDUCTIONS)}, got {norm!r}")
     if calib_ids.dim() != 2 or calib_ids.shape[0] < 1:
         raise ValueError("GBLM's gradient pass needs calibration ids shaped (sequences, tokens)")
     lay = layout(model)
@@ -55,7 +57,7 @@ def gradient_pass(model: nn.Module, calib_ids: torch.Tensor, norm: str = "l2", s
     def fold(name: str, module: nn.Module):
         def hook(param: torch.Tensor) -> None:
             g = linear_layout(module, param.grad).float() * scale
-            acc[name] += (g * g if norm == "l2" else g.abs()).cpu()
+            acc[name] += (g * g if norm == "l2" else g.abs() if norm == "l1" else g).cpu()
             param.grad = None
         return hook
 
@@ -78,6 +80,8 @@ def gradient_pass(model: nn.Module, calib_ids: torch.Tensor, norm: str = "l2", s
             p.requires_grad_(flag)
             p.grad = None
         model.to(home).train(was_training)
+    if norm == "mean":
+        return {n: a / calib_ids.shape[0] for n, a in acc.items()}
     return {n: a.sqrt() if norm == "l2" else a for n, a in acc.items()}
 
 
@@ -104,8 +108,8 @@ def gradient_key(model: nn.Module, calib_ids: torch.Tensor, norm: str, scale: fl
 
 def cached_gradients(model: nn.Module, calib_ids: torch.Tensor, norm: str = "l2", scale: float = SCALE,
                      device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], Path, float | None]:
-    """The gradient norms from the cache, or from one ``gradient_pass`` saved there; returns them, the file and
-    the pass's wall time (None on a cache hit)."""
+    """``gradient_pass``'s statistics (norms, or the mean for ``norm`` ``mean``) from the cache, or from one pass
+    saved there; returns them, the file and the pass's wall time (None on a cache hit)."""
     from prunesearch.cache import cache_dir
 
     key = gradient_key(model, calib_ids, norm, scale)
@@ -123,7 +127,7 @@ def cached_gradients(model: nn.Module, calib_ids: torch.Tensor, norm: str = "l2"
     tmp = path.with_suffix(".tmp")
     save_file({n: g.contiguous() for n, g in grads.items()}, str(tmp), metadata=key)
     tmp.replace(path)
-    log.info("GBLM gradient pass over %d sequences: %.1fs, cached in %s", calib_ids.shape[0], seconds, path)
+    log.info("gradient pass (%s) over %d sequences: %.1fs, cached in %s", norm, calib_ids.shape[0], seconds, path)
     return grads, path, seconds
 
 

@@ -65,28 +65,7 @@ class SparsityConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> SparsityConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"config {path} cannot be read as text ({first_line(e)})") from e
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as e:
-                raise UserError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from e
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise UserError(f"config {path} is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise UserError(f"config {path} must hold a JSON (or YAML) object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_config(path))
 
     def to_dict(self) -> dict:
         out: dict = {"sparsity": dict(self.sparsity)}
@@ -122,3 +101,29 @@ class SparsityConfig:
                 f"projections like {names[0]}"
             )
         return {name: Target(v if v is not None else 0.0, self.m) for name, v in targets.items()}
+
+
+def read_config(path: str | Path) -> dict:
+    """The object a config file holds (YAML for .yaml/.yml, else JSON): a sparsity or a width config."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config {path} cannot be read as text ({first_line(e)})") from e
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from e
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"config {path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} must hold a JSON (or YAML) object")
+    return data

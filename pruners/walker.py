@@ -113,14 +113,16 @@ def block_on(block: nn.Module, device: torch.device | str) -> Iterator[nn.Module
 class InputStats:
     """Running statistics of a linear layer's inputs, accumulated in fp32 (or fp64) over calibration tokens.
 
-    ``sq`` is the per-input-column sum of x² (Wanda's norm), ``xtx`` the full XᵀX (SparseGPT's Hessian, when
-    ``full``), ``nseq`` the number of sequences seen. Sums make the result independent of how sequences are batched.
+    ``sum`` and ``sq`` are the per-input-column sums of x and x² (Wanda's norm; with ``sum``, FLAP's mean and
+    variance), ``xtx`` the full XᵀX (SparseGPT's Hessian, when ``full``), ``nseq`` and ``ntok`` the sequences and
+    tokens seen. Sums make the result independent of how sequences are batched.
     ``extra`` is a weight-shaped statistic the pruner computed beforehand on the whole dense model (GBLM's gradient
     norms), or None.
     """
 
     def __init__(self, columns: int, full: bool, dtype: torch.dtype = torch.float32, device=None,
                  extra: torch.Tensor | None = None):
+        self.sum = torch.zeros(columns, dtype=dtype, device=device)
         self.sq = torch.zeros(columns, dtype=dtype, device=device)
         self.xtx = torch.zeros(columns, columns, dtype=dtype, device=device) if full else None
         self.nseq = 0
@@ -131,6 +133,7 @@ class InputStats:
         """Accumulate a batch of inputs shaped (batch, tokens, columns) or (tokens, columns)."""
         nseq = x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1]).to(self.sq.dtype)
+        self.sum += x.sum(0)
         self.sq += (x * x).sum(0)
         if self.xtx is not None:
             self.xtx += x.t() @ x
@@ -141,6 +144,16 @@ class InputStats:
     def norm_sq(self) -> torch.Tensor:
         """Wanda's s_j: mean over sequences of the token-summed x_j²."""
         return self.sq / max(self.nseq, 1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean input of every column over calibration tokens (FLAP's bias compensation)."""
+        return self.sum / max(self.ntok, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Unbiased variance of every column's input over calibration tokens (FLAP's fluctuation)."""
+        return ((self.sq - self.ntok * self.mean ** 2) / max(self.ntok - 1, 1)).clamp_min(0)
 
     @property
     def hessian(self) -> torch.Tensor:

@@ -30,7 +30,8 @@ def _add_sparsellm_options(p: argparse.ArgumentParser) -> None:
 
 def _add_width_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("width (--method width)")
-    g.add_argument("--width-score", help="unit importance: flap (fluctuation, default) or wanda (|W|·||X||)")
+    g.add_argument("--width-score", help="unit importance: flap (fluctuation, default), wanda (|W|·||X||) or taylor "
+                                         "(Σ|W·∂L/∂W|, one gradient pass)")
     g.add_argument("--width-allocation", choices=["uniform", "global"],
                    help="with --width: every block keeps that share (uniform, default), or the model keeps that "
                         "share of its block parameters, the lowest FLAP-standardized units removed model-wide")
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Pareto front of fitness against that budget")
     p.add_argument("--latency-table", help="latency= budgets: a table measured on the serving device (the JSON a "
                                            "width run caches as cache/latency-*.json); default: measured here once")
-    p.add_argument("--width-score", choices=["wanda", "flap"],
+    p.add_argument("--width-score", choices=["wanda", "flap", "taylor"],
                    help="--space width: importance of heads and channels (default: flap)")
     p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (layers get k:M levels)")
     p.add_argument("--granularity", default="block", choices=["block", "projection"])

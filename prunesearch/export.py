@@ -64,6 +64,9 @@ def select(run: Path, top: int | None = None, pareto: bool = False) -> list[dict
     """The configs to export: the Pareto front of a budget-range run, else the ``top`` best (default 1)."""
     run = Path(run)
     frame = read_trials(run)
+    if any(c.startswith("w[") for c in frame.columns):
+        raise UserError(f"{run} is a width run: its best config is {run / 'best_config.json'} (for prune --method "
+                        "width --config, or realize --run); export writes sparsity configs")
     if pareto:
         table = run / "pareto.csv"
         if not table.is_file():

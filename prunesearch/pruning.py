@@ -7,17 +7,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pruners.targets import SparsityConfig
+
+if TYPE_CHECKING:
+    from pruners.width.prune import Allocator
 
 
 @dataclass
 class PruneJob:
     """One one-shot pruning: the target config, the method and its options, the model and the protocol."""
 
-    config: SparsityConfig
+    config: SparsityConfig | Allocator  # per-layer sparsity targets; for method width, what picks the widths
     method: str
-    options: dict = field(default_factory=dict)  # the method's own, e.g. {"wbits": 4} for SparseGPT
+    options: dict = field(default_factory=dict)  # the method's own: {"wbits": 4}; width: score, bias_compensation
     model: str | None = None  # None: the built-in default model
     device: str = "cpu"
     dtype: str = "auto"
@@ -29,14 +33,26 @@ class PruneJob:
     data_dir: str | None = None
 
 
+def _protocol(job: PruneJob, source: str, model, seqlen: int, calibrated: bool) -> dict:
+    """How a pruning was done: model, calibration data (None when the method needs none), device and dtype."""
+    from prunesearch import data
+    from prunesearch.models import describe_model
+
+    return {"model": describe_model(source), "calib": data.describe(job.calib, job.data_dir) if calibrated else None,
+            "nsamples": job.nsamples if calibrated else 0, "seqlen": seqlen, "seed": job.seed, "device": job.device,
+            "dtype": str(next(model.parameters()).dtype)}
+
+
 def run_prune(job: PruneJob, log: Callable[[str], None] = lambda msg: None):
     """Load the model, prune it in place to ``job.config``; returns (model on CPU, tokenizer, report) where the
-    report holds the method, per-layer sparsity, protocol and timings."""
+    report holds the method, per-layer sparsity (or widths and counts), protocol and timings."""
     from prunesearch import data
-    from prunesearch.models import default_seqlen, describe_model, load_model
+    from prunesearch.models import default_seqlen, load_model
     from pruners.oneshot import global_sparsity, make_pruner, prune_model
     from pruners.registry import layout
 
+    if job.method == "width":
+        return _run_width(job, log)
     pruner = make_pruner(job.method, **job.options)
     timings = {}
     t = time.perf_counter()
@@ -55,14 +71,34 @@ def run_prune(job: PruneJob, log: Callable[[str], None] = lambda msg: None):
     report = {
         "method": job.method, "model": source, "config": job.config.to_dict(), "wbits": job.options.get("wbits"),
         "global_sparsity": global_sparsity(result["layers"]), "layers": result["layers"],
-        "protocol": {"model": describe_model(source),
-                     "calib": data.describe(job.calib, job.data_dir) if calib is not None else None,
-                     "nsamples": job.nsamples if calib is not None else 0, "seqlen": seqlen, "seed": job.seed,
-                     "device": job.device, "dtype": str(next(model.parameters()).dtype)},
-        "timings_s": timings,
+        "protocol": _protocol(job, source, model, seqlen, calib is not None), "timings_s": timings,
     }
     if "details" in result:
         report["method_details"] = result["details"]
+    return model, tokenizer, report
+
+
+def _run_width(job: PruneJob, log: Callable[[str], None]):
+    """``run_prune`` for method width: score the units, let ``job.config`` allocate the widths, slice the model;
+    the report holds per-layer widths, parameters/FLOPs/memory before and after, the score and the protocol."""
+    from prunesearch import data
+    from prunesearch.models import default_seqlen, load_model
+    from pruners.width.prune import prune_width
+
+    score, bias = job.options.get("score", "flap"), bool(job.options.get("bias_compensation"))
+    timings = {}
+    t = time.perf_counter()
+    model, tokenizer, source = load_model(job.model, "cpu", job.dtype, compute_device=job.device)
+    timings["load"] = time.perf_counter() - t
+    seqlen = default_seqlen(model, job.seqlen, builtin=job.model is None)
+    t = time.perf_counter()
+    calib = data.calibration_ids(tokenizer, job.calib, job.nsamples, seqlen, job.seed, job.data_dir)
+    timings["calibration_data"] = time.perf_counter() - t
+    log(f"width-pruning {source} ({score} scores) on {job.device}")
+    result = prune_width(model, calib, job.config, score, bias, job.device, job.batch_size)
+    timings["prune"] = result.pop("prune_seconds")
+    report = {"method": "width", "model": source, **result,
+              "protocol": _protocol(job, source, model, seqlen, True), "timings_s": timings}
     return model, tokenizer, report
 
 

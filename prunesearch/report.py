@@ -15,10 +15,12 @@ import pandas as pd
 from prunesearch import report_figures as figs
 from prunesearch.export import PROTOCOL, read_trials, units
 from prunesearch.files import read_json, read_json_lines
+from prunesearch.safety import UserError
+from search.width_record import WidthRecord
 
 log = logging.getLogger("prunesearch.report")
 
-SEED_FAMILIES = ("uniform", "owl", "atp")
+SEED_FAMILIES = ("uniform", "owl", "atp", "flap")
 # the page marks itself once every image has decoded (data-images="ok:N" on <body>): what a browser test reads
 SELF_CHECK = """<script>
 window.addEventListener("load", () => {
@@ -41,10 +43,23 @@ class Run:
     frame: pd.DataFrame
     summary: dict = field(default_factory=dict)
     rounds: list[dict] = field(default_factory=list)
+    width: WidthRecord | None = None  # a width run's space (its space.json)
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def units(self) -> list[str]:
+        """The search units: blocks or projections (sparsity), or ``<block>.attn``/``<block>.mlp`` (width)."""
+        return list(self.width.units) if self.width else units(self.frame)
+
+    def allocation(self, number: int) -> np.ndarray:
+        """Trial ``number``'s allocation as plotted: sparsity per unit, or the kept share of a width unit."""
+        row = self.frame[self.frame["number"] == number].iloc[0]
+        if self.width:
+            return self.width.shares([row[f"w[{u}]"] for u in self.width.units])
+        return np.array([row[f"s[{u}]"] for u in self.units], dtype=float)
 
     @property
     def multi(self) -> bool:
@@ -71,7 +86,17 @@ def load_run(path: Path) -> Run:
     summary = read_json(path / "report.json", "run report") if (path / "report.json").is_file() else {}
     rounds_file = path / "predictor_rounds.jsonl"
     rounds = read_json_lines(rounds_file, "predictor rounds log") if rounds_file.is_file() else []
-    return Run(path, frame, summary, rounds)
+    return Run(path, frame, summary, rounds, _width_record(path, frame))
+
+
+def _width_record(path: Path, frame: pd.DataFrame) -> WidthRecord | None:
+    """A width run's space record (None for a sparsity run); runs of older versions lack it."""
+    if not any(c.startswith("w[") for c in frame.columns):
+        return None
+    if not (path / "space.json").is_file():
+        raise UserError(f"{path} is a width run without space.json (an older version): re-run its search command "
+                        "once, which resumes without new trials and writes it")
+    return WidthRecord.load(path / "space.json")
 
 
 def predictions(run: Run) -> pd.DataFrame:
@@ -105,11 +130,6 @@ def round_taus(pred: pd.DataFrame, rounds: list[dict]) -> pd.DataFrame:
         rows.append({"round": r["round"], "train_pairs": r["train_pairs"], "measured": len(chosen),
                      "prospective_tau": tau, "cv_tau": (r.get("cv") or {}).get("kendall_tau", np.nan)})
     return pd.DataFrame(rows, columns=["round", "train_pairs", "measured", "prospective_tau", "cv_tau"])
-
-
-def _allocation(frame: pd.DataFrame, number: int) -> np.ndarray:
-    row = frame[frame["number"] == number].iloc[0]
-    return np.array([row[f"s[{u}]"] for u in units(frame)], dtype=float)
 
 
 def finalists(run: Run) -> pd.DataFrame:
@@ -174,16 +194,19 @@ def build(run_path: Path, out: Path, compare: list[Path] = ()) -> tuple[Path, li
         pngs.append(figs.plot_anytime(anytime_runs, kind, folder / "anytime.png"))
         parts += ["<h2>Best fitness against trials and wall time</h2>", _img(pngs[-1], "anytime curves")]
     table = finalists(run)
-    names = units(run.frame)
-    lines = {lab: _allocation(run.frame, n) for lab, n in zip(table["allocation"], table["trial"])}
-    comparable = [o for o in others if not o.multi and not run.multi and units(o.frame) == names]
+    names = run.units
+    lines = {lab: run.allocation(n) for lab, n in zip(table["allocation"], table["trial"])}
+    comparable = [o for o in others if not o.multi and not run.multi and o.units == names]
     if comparable:  # one best line per run, the seeds of the first
         lines = {f"best ({run.name})" if lab == "best" else lab: v for lab, v in lines.items()}
-        lines.update({f"best ({o.name})": _allocation(o.frame, int(finalists(o)["trial"].iloc[0]))
-                      for o in comparable})
-    pngs.append(figs.plot_allocations(lines, names, folder / "allocation.png"))
-    title = "Pareto-front allocations" if run.multi else "Best allocation"
-    parts += [f"<h2>{title} per layer against uniform / OWL / ATP</h2>", _img(pngs[-1], "allocations")]
+        lines.update({f"best ({o.name})": o.allocation(int(finalists(o)["trial"].iloc[0])) for o in comparable})
+    if run.width:
+        pngs.append(figs.plot_widths(lines, names, folder / "allocation.png"))
+        parts += ["<h2>Best widths per block against uniform width / FLAP</h2>", _img(pngs[-1], "widths")]
+    else:
+        pngs.append(figs.plot_allocations(lines, names, folder / "allocation.png"))
+        title = "Pareto-front allocations" if run.multi else "Best allocation"
+        parts += [f"<h2>{title} per layer against uniform / OWL / ATP</h2>", _img(pngs[-1], "allocations")]
     if run.multi and (run.path / "pareto.png").is_file():
         parts += ["<h2>Pareto front: fitness against sparsity</h2>", _img(run.path / "pareto.png", "Pareto front")]
     pred = predictions(run)

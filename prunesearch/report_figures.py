@@ -1,4 +1,5 @@
-"""The report's figures (matplotlib): anytime curves, allocations against the heuristic seeds, predictor rounds."""
+"""The report's figures (matplotlib): anytime curves, allocations (or widths) against the heuristic seeds, predictor
+rounds."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SEED_STYLES = {"uniform": dict(c="0.3", ls="--"), "owl": dict(c="C2", ls="-."), "atp": dict(c="C3", ls=":")}
+SEED_STYLES = {"uniform": dict(c="0.3", ls="--"), "owl": dict(c="C2", ls="-."), "atp": dict(c="C3", ls=":"),
+               "flap": dict(c="m", ls="-.")}
 SOLID = ("C0", "C1", "C4", "C5", "C6", "C7", "C8", "C9")  # colours not taken by the seed families
 
 
@@ -68,22 +70,40 @@ def _unit_axis(ax, unit_names: list[str]) -> None:
         ax.set_xticklabels([".".join(u.split(".")[-3:]) for u in unit_names], rotation=90, fontsize=5)
 
 
+def _lines(ax, x: np.ndarray, lines: dict[str, np.ndarray]) -> None:
+    """One line per labelled allocation: seeds in their family's style, the rest solid."""
+    solid = 0
+    for label, values in lines.items():
+        family = label.split("@")[0].split("-")[0]
+        if family in SEED_STYLES:
+            ax.plot(x, values, lw=1, alpha=0.8, label=label, **SEED_STYLES[family])
+        else:
+            ax.plot(x, values, "o-", ms=3, lw=2, c=SOLID[solid % len(SOLID)], label=label)
+            solid += 1
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+
+
 def plot_allocations(lines: dict[str, np.ndarray], unit_names: list[str], path: Path) -> Path:
     """Sparsity per unit of each labelled allocation; seeds get their family's style, the rest solid lines."""
     fig, ax = _plt().subplots(figsize=(10, 3.8))
-    x = np.arange(len(unit_names))
-    solid = 0
-    for label, alloc in lines.items():
-        family = label.split("@")[0].split("-")[0]
-        if family in SEED_STYLES:
-            ax.plot(x, alloc, lw=1, alpha=0.8, label=label, **SEED_STYLES[family])
-        else:
-            ax.plot(x, alloc, "o-", ms=3, lw=2, c=SOLID[solid % len(SOLID)], label=label)
-            solid += 1
+    _lines(ax, np.arange(len(unit_names)), lines)
     _unit_axis(ax, unit_names)
     ax.set_ylabel("sparsity")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def plot_widths(lines: dict[str, np.ndarray], unit_names: list[str], path: Path) -> Path:
+    """Kept share per block of each labelled width allocation (units ``<block>.attn``/``<block>.mlp``): key/value
+    groups (attention) on the left, MLP channels on the right."""
+    fig, axes = _plt().subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, kind, title in zip(axes, ("attn", "mlp"), ("attention: key/value groups kept", "MLP: channels kept")):
+        pick = [i for i, u in enumerate(unit_names) if u.endswith(f".{kind}")]
+        blocks = np.array([int(unit_names[i].split(".")[0]) for i in pick])
+        _lines(ax, blocks, {label: np.asarray(v)[pick] for label, v in lines.items()})
+        ax.set(title=title, xlabel="block", ylim=(0, 1.05))
+        ax.set_xticks(blocks)
+    axes[0].set_ylabel("share kept")
     return _save(fig, path)
 
 

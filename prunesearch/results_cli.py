@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from pruners.methods import METHODS, modifiers
-from prunesearch.commands.common import UsageError, check_wbits, log, perplexities, print_sparsity
+from prunesearch.commands.common import UsageError, check_wbits, log, perplexities, print_sparsity, print_widths
 from prunesearch.commands.options import add_calib_options, add_model_options
 from prunesearch.safety import check_out
 
@@ -41,13 +41,18 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("realize", help="prune the chosen allocation for real, evaluate it on report data, save it",
                        description="Final one-shot pruning of a search's best allocation (or any config), then "
-                                   "perplexity and zero-shot tasks on data the search never saw.")
+                                   "perplexity and zero-shot tasks on data the search never saw. A width allocation "
+                                   "is sliced (--method width), scored on the search's own calibration data and "
+                                   "width score (from the config's meta) unless --calib, --nsamples, --seed or "
+                                   "--seqlen say otherwise.")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="search run folder (its best_config.json)")
     which.add_argument("--config", help="a config file (export output, best_config.json, pareto/*.json)")
     add_model_options(p)
     add_calib_options(p)
-    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--method", choices=[*METHODS, "width"],
+                   help="a sparsity allocation needs one of the sparsity methods; a width one is sliced (width, the "
+                        "default there)")
     p.add_argument("--wbits", type=int, help="SparseGPT only: also quantize the kept weights to this many bits")
     p.add_argument("--ppl", default="wikitext2,ptb", help="report datasets for perplexity (default: wikitext2,ptb; "
                                                          "ptb needs --data-dir offline; '' for none)")
@@ -56,7 +61,7 @@ def add_commands(sub) -> None:
     p.add_argument("--format", default="hf", choices=["hf"], help="hf: a from_pretrained folder (default)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.set_defaults(func=cmd_realize)
+    p.set_defaults(func=cmd_realize, calib=None, nsamples=None, seed=None)  # None: see calibration()
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -105,18 +110,23 @@ def cmd_realize(args: argparse.Namespace) -> int:
 
     from prunesearch.models import resolve_device
     from prunesearch.pruning import PruneJob, run_prune, save_folder
-    from prunesearch.realize import check_eval_data, load_choice, realize_report
+    from prunesearch.realize import calibration, check_eval_data, load_choice, method, realize_report, width_target
 
     out = check_out(args.out, args.overwrite)
-    check_wbits(args.method, args.wbits)
-    if args.nsamples < 1:
-        raise UsageError("--nsamples must be at least 1")
     config, meta, origin = load_choice(args.run, args.config)
+    width = isinstance(config, dict)
+    chosen = method(args.method, width)
+    if width and args.wbits is not None:
+        raise UsageError("--wbits quantizes a sparsity allocation's kept weights; a width allocation is sliced")
+    if not width:
+        check_wbits(chosen, args.wbits)
+    calib = calibration(args, meta, width)
     datasets = [d for d in args.ppl.split(",") if d]
     check_eval_data(datasets, args.data_dir)
     device = resolve_device(args.device)
-    job = PruneJob(config, args.method, {"wbits": args.wbits}, args.model or meta.get("model"), device, args.dtype,
-                   args.calib, args.nsamples, args.seed, args.seqlen, args.batch_size, args.data_dir)
+    target, options = width_target(config, meta) if width else (config, {"wbits": args.wbits})
+    job = PruneJob(target, chosen, options, args.model or meta.get("model"), device, args.dtype, calib["calib"],
+                   calib["nsamples"], calib["seed"], calib["seqlen"], args.batch_size, args.data_dir)
     model, tokenizer, report = run_prune(job, log)
 
     def write(folder: Path) -> None:
@@ -139,8 +149,12 @@ def cmd_realize(args: argparse.Namespace) -> int:
     report["timings_s"]["evaluate"] = time.perf_counter() - t
     result = realize_report(report, meta, origin, args.format, evaluation)
     (out / "realize_report.json").write_text(json.dumps(result, indent=2))
-    print_sparsity(report["layers"])
     ppl = ", ".join(f"{d} {v['ppl']:.3f}" for d, v in evaluation["ppl"].items())
-    print(f"realized with {args.method}: global sparsity {report['global_sparsity']:.4f}"
+    if width:
+        print_widths(report, out)
+        print(f"realized with width ({options['score']} scores){'; ppl ' + ppl if ppl else ''}")
+        return 0
+    print_sparsity(report["layers"])
+    print(f"realized with {chosen}: global sparsity {report['global_sparsity']:.4f}"
           f"{'; ppl ' + ppl if ppl else ''}; saved to {out}")
     return 0

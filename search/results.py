@@ -18,9 +18,10 @@ from search.workspace import Workspace
 
 
 def _target(ws: Workspace, t: optuna.trial.FrozenTrial) -> float | None:
-    """A trial's budget sparsity; None for a range trial still queued (its budget level is not drawn yet)."""
+    """A trial's budget sparsity (a width run: the share of the units' parameters removed, as its
+    ``budget_sparsity``); None for a range trial still queued (its budget level is not drawn yet)."""
     if not ws.multi:
-        return ws.space.target
+        return ws.target_range[0]
     level = t.params.get(LEVEL_PARAM)
     return None if level is None else ws.range_target(level)
 
@@ -107,9 +108,7 @@ def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str,
     frame = trials_frame(study, ws)
     with atomic_path(out / "trials.parquet") as tmp:
         frame.to_parquet(tmp, index=False)
-    record = ws.space_record()
-    if record is not None:
-        record.save(out / "space.json")
+    ws.space_record().save(out / "space.json")
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not complete:
         return {"trials": len(frame), "best": None, "interrupted": interrupted}

@@ -24,6 +24,7 @@ from prunesearch.safety import UserError
 from search.budget import Budget
 from search.seeds import width_seeds
 from search.width_realizer import WidthRealizer, load_importance, save_importance
+from search.width_record import WidthRecord
 from search.width_space import make_width_space
 from search.workspace import Workspace
 
@@ -43,9 +44,10 @@ class WidthWorkspace(Workspace):
                                       self._latency_table)
         self.budget_kind = "+".join(c.kind for c in self.space.constraints)
         self.multi = self.space.ranged is not None
-        if self.multi:  # a Pareto run: trials draw the ranged limit's bound between its ends
-            ranged = self.space.constraints[self.space.ranged]
-            self.target_range = tuple(sorted(Budget.parse(self.settings.budget).ranged.resolve(ranged.dense)))
+        if self.multi:  # a Pareto run: trials draw the share of the ranged limit's dense amount saved
+            dense = self.space.constraints[self.space.ranged].dense
+            ends = Budget.parse(self.settings.budget).ranged.resolve(dense)
+            self.target_range = tuple(sorted(1.0 - e / dense for e in ends))
         else:
             self.target_range = (1.0 - self.space.target,) * 2  # the share of the units' parameters removed
 
@@ -97,8 +99,11 @@ class WidthWorkspace(Workspace):
         return width_seeds(self.geom, self.importance, self.shapes)
 
     def space_at(self, target: float | None):
-        """The space whose ranged limit is ``target`` (a Pareto trial's own budget); the run's space for None."""
-        return self.space if target is None else self.space.at(target)
+        """The space whose ranged limit saves the share ``target`` of its dense amount (a Pareto trial's own
+        budget); the run's space for None."""
+        if target is None:
+            return self.space
+        return self.space.at(self.space.constraints[self.space.ranged].dense * (1.0 - target))
 
     def allocation(self, x: np.ndarray, target: float | None = None) -> np.ndarray:
         """The kept groups and channels of sampled shares: whole, within every limit, none able to grow."""
@@ -156,6 +161,7 @@ class WidthWorkspace(Workspace):
         """Mask the allocation's widths: the outputs of the model ``prune --method width`` slices."""
         self.realize(alloc)
 
-    def space_record(self) -> None:
-        """None: the accuracy predictor's features describe sparsity allocations, not widths."""
-        return None
+    def space_record(self) -> WidthRecord:
+        """What ``space.json`` records of a width run (``search.width_record``): units, dense counts, parameters
+        per group or channel, and the budget."""
+        return WidthRecord.from_workspace(self)

@@ -26,7 +26,7 @@ def _choices(command: str, flag: str) -> list[str]:
 
 def test_the_cli_offers_exactly_the_registry():
     assert _choices("prune", "--method") == [*METHODS, "width"]
-    assert _choices("realize", "--method") == list(METHODS)
+    assert _choices("realize", "--method") == [*METHODS, "width"]
     assert _choices("search", "--pruner") == names(searchable=True)
     assert _choices("export", "--modifier") == list(modifiers()) == ["wanda", "sparsegpt"]
 

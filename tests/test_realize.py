@@ -68,6 +68,8 @@ def test_realize_refuses_before_pruning(finished_run, tiny_llama_dir, tiny_calib
     assert main(["realize", "--run", str(finished_run), "--method", "wanda", "--ppl", "ptb", *common]) == 2
     assert "no ptb text for evaluation" in capsys.readouterr().err
     assert main(["realize", "--run", str(finished_run), "--method", "wanda", "--wbits", "4", *common]) == 2
+    assert main(["realize", "--run", str(finished_run), *common]) == 2
+    assert "a sparsity allocation needs --method" in capsys.readouterr().err
     assert main(["realize", "--run", str(tmp_path), "--method", "wanda", *common]) == 2
     assert "no best_config.json" in capsys.readouterr().err
     assert not out.exists()

@@ -52,7 +52,7 @@ def test_config_width_section_and_global_allocation(model_dir, calib_file, tmp_p
 @pytest.mark.parametrize("extra,message", [
     ([], "needs --width in (0, 1]"),
     (["--width", "1.5"], "needs --width in (0, 1]"),
-    (["--width", "0.5", "--width-score", "taylor"], "--width-score must be one of wanda, flap"),
+    (["--width", "0.5", "--width-score", "fisher"], "--width-score must be one of wanda, flap, taylor"),
     (["--width", "0.5", "--pattern", "2:4"], "do not apply to --method width"),
 ])
 def test_bad_width_input_is_one_line_and_exit_2(model_dir, calib_file, tmp_path, capsys, extra, message):

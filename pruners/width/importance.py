@@ -1,74 +1,61 @@
 """Importance of key/value groups and MLP channels from one calibration walk over the dense blocks.
 
-Both scores are per input column of a block's output projections (attention output, MLP down), summed over the
-columns of a unit (all query heads of a key/value group; one channel):
+``wanda`` and ``flap`` score each input column of a block's output projections (attention output, MLP down),
+summed over the columns of a unit (all query heads of a key/value group; one channel):
 
 - ``wanda``: Σ_i |W_ij| · ||X_j||₂, Wanda's |W|·||X|| taken over the whole column (X over all calibration tokens);
 - ``flap``: FLAP's fluctuation Var(X_j) · ||W_:,j||², the variance over calibration tokens (unbiased).
+
+``taylor`` is the first-order Taylor saliency Σ |W ⊙ ∂L/∂W| over every weight a unit owns: the q/k/v rows of a
+key/value group and its query heads and their output-projection columns; a channel's up (and gate) row and its
+down-projection column. L is the causal-LM loss averaged over the calibration sequences; its gradient comes from
+GBLM's gradient pass (``pruners.gblm.cached_gradients`` with the ``mean`` reduction, cached like GBLM's norms).
 
 The mean inputs are kept too, for FLAP's bias compensation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pruners.registry import get_weight
-from pruners.walker import run_block, walk
+from pruners.walker import InputStats, collect_stats, run_block, walk
 from pruners.width.geometry import Geometry, geometry, sub
 from prunesearch.safety import UserError
 
-METRICS = ("wanda", "flap")
+METRICS = ("wanda", "flap", "taylor")
 
 
-class _Moments:
-    """Per-column sum and sum of squares of a layer's inputs over calibration tokens (float64)."""
-
-    def __init__(self, columns: int, device) -> None:
-        self.sum = torch.zeros(columns, dtype=torch.float64, device=device)
-        self.sq = torch.zeros(columns, dtype=torch.float64, device=device)
-        self.ntok = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.sum += x.sum(0)
-        self.sq += (x * x).sum(0)
-        self.ntok += x.shape[0]
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.sum / max(self.ntok, 1)
-
-    @property
-    def var(self) -> torch.Tensor:
-        return ((self.sq - self.ntok * self.mean ** 2) / max(self.ntok - 1, 1)).clamp_min(0)
-
-
-@contextmanager
-def _moments(modules: list[nn.Module]) -> Iterator[list[_Moments]]:
-    stats = [_Moments(get_weight(m).shape[1], m.weight.device) for m in modules]
-    handles = [m.register_forward_hook(lambda _m, inp, _out, s=s: s.add(inp[0].detach()))
-               for m, s in zip(modules, stats)]
-    try:
-        yield stats
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def column_scores(module: nn.Module, stats: _Moments, metric: str) -> torch.Tensor:
+def column_scores(module: nn.Module, stats: InputStats, metric: str) -> torch.Tensor:
     """Score of each input column of an output projection under ``metric``."""
     w = get_weight(module).double()
     if metric == "wanda":
         return w.abs().sum(0) * stats.sq.sqrt().to(w.device)
     if metric == "flap":
         return stats.var.to(w.device) * (w * w).sum(0)
-    raise ValueError(f"unknown width score {metric!r}; choose one of {', '.join(METRICS)}")
+    raise ValueError(f"unknown column score {metric!r}; choose wanda or flap")
+
+
+def taylor_scores(geom: Geometry, i: int, grads: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ |W ⊙ G| over the weights of every key/value group and every MLP channel of block ``i`` (``grads``: the
+    loss gradient of each projection by full name, ``nn.Linear`` layout)."""
+    block = geom.block(i)
+    names = {id(m): n for n, m in geom.layout.projections[i].items()}
+
+    def saliency(path: str) -> torch.Tensor:
+        m = sub(block, path)
+        w = get_weight(m).double()
+        return (w * grads[names[id(m)]].to(w.device, torch.float64)).abs()
+
+    qkv = [saliency(p).sum(1) for p in geom.heads.qkv]  # per output row
+    out = saliency(geom.heads.out).sum(0)  # per input column
+    groups = torch.stack([sum(r[rows].sum() for r, rows in zip(qkv, geom.qkv_rows(i, [k])))
+                          + out[geom.out_columns([k])].sum() for k in range(geom.widths[i].kv_heads)])
+    channels = saliency(geom.ffn.down).sum(0) + sum(saliency(p).sum(1) for p in (geom.ffn.up, geom.ffn.gate) if p)
+    return groups, channels
 
 
 def _top(scores: torch.Tensor, k: int) -> list[int]:
@@ -96,14 +83,23 @@ def importance(model: nn.Module, calib_ids: torch.Tensor, metric: str = "flap", 
         raise UserError(f"unknown width score {metric!r}; choose one of {', '.join(METRICS)}")
     geom = geom or geometry(model)
     result = Importance(metric, [], [], [])
+    if metric == "taylor":
+        from pruners.gblm import cached_gradients
+
+        grads = cached_gradients(model, calib_ids, "mean", 1.0, device)[0]
 
     def visit(i: int, block: nn.Module, batches) -> None:
         out, down = sub(block, geom.heads.out), sub(block, geom.ffn.down)
-        with _moments([out, down]) as (attn, mlp):
+        with collect_stats({"attn": out, "mlp": down}, full=False, dtype=torch.float64) as stats:
             run_block(block, batches)
-        span = geom.group * geom.head_dim
-        result.groups.append(column_scores(out, attn, metric).view(-1, span).sum(1).cpu())
-        result.channels.append(column_scores(down, mlp, metric).cpu())
+        attn, mlp = stats["attn"], stats["mlp"]
+        if metric == "taylor":
+            groups, channels = taylor_scores(geom, i, grads)
+        else:
+            groups = column_scores(out, attn, metric).view(-1, geom.group * geom.head_dim).sum(1)
+            channels = column_scores(down, mlp, metric)
+        result.groups.append(groups.cpu())
+        result.channels.append(channels.cpu())
         result.means.append((attn.mean.cpu(), mlp.mean.cpu()))
 
     walk(model, calib_ids, visit, device=device, batch_size=batch_size)

@@ -68,3 +68,15 @@ def print_sparsity(rows: list[dict]) -> None:
         actual = sum(r["actual_sparsity"] * r["shape"][0] * r["shape"][1] for r in rs) / n
         target = sum((r["target_sparsity"] or 0) * r["shape"][0] * r["shape"][1] for r in rs) / n
         print(f"{b:>5} {target:>8.4f} {actual:>8.4f}")
+
+
+def print_widths(report: dict, out) -> None:
+    """The per-block widths of a width pruning's report against the dense ones, and its parameter counts."""
+    print(f"{'block':>5} {'heads':>9} {'kv':>7} {'channels':>13}")
+    for row in report["layers"]:
+        dense = row["dense"]
+        print(f"{row['block']:>5} {row['heads']:>4}/{dense['heads']:<4} {row['kv_heads']:>3}/{dense['kv_heads']:<3} "
+              f"{row['intermediate']:>6}/{dense['intermediate']:<6}")
+    before, after = report["before"], report["after"]
+    print(f"parameters {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.1%}; block "
+          f"projections {after['block_params'] / before['block_params']:.1%}); saved to {out}")

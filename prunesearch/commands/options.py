@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+CALIB_DEFAULTS = {"calib": "c4", "nsamples": 128, "seed": 0}
+
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local folder, .gguf file, hub id, or a named packaged model (smollm2-135m) of a "
@@ -20,6 +22,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_calib_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", default="c4", help="calibration data: c4 | wikitext2 | ptb | PATH.txt | PATH.jsonl")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default: 128)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling (default: 0)")
+    p.add_argument("--calib", default=CALIB_DEFAULTS["calib"],
+                   help="calibration data: c4 | wikitext2 | ptb | PATH.txt | PATH.jsonl")
+    p.add_argument("--nsamples", type=int, default=CALIB_DEFAULTS["nsamples"],
+                   help=f"calibration sequences (default: {CALIB_DEFAULTS['nsamples']})")
+    p.add_argument("--seed", type=int, default=CALIB_DEFAULTS["seed"],
+                   help=f"seed of the calibration sampling (default: {CALIB_DEFAULTS['seed']})")

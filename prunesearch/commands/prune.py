@@ -4,11 +4,10 @@ removing heads and channels), saved as a from_pretrained folder with its report.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prunesearch.commands.common import (UsageError, check_wbits, log, model_seqlen, perplexities, print_sparsity,
+from prunesearch.commands.common import (UsageError, check_wbits, log, perplexities, print_sparsity, print_widths,
                                          targets_config)
 from prunesearch.safety import check_out
 
@@ -85,47 +84,24 @@ def _width_allocator(args):
 
 def _prune_width(args, out: Path) -> int:
     from pruners.width.importance import METRICS
-    from pruners.width.prune import prune_width
-    from prunesearch import data
-    from prunesearch.models import describe_model, load_model, resolve_device
-    from prunesearch.pruning import save_folder
+    from prunesearch.models import resolve_device
+    from prunesearch.pruning import PruneJob, run_prune, save_folder
 
     if args.sparsity is not None or args.pattern or args.wbits is not None:
         raise UsageError("--sparsity, --pattern and --wbits do not apply to --method width")
     score = args.width_score or "flap"
     if score not in METRICS:
         raise UsageError(f"--width-score must be one of {', '.join(METRICS)}, got {score!r}")
-    allocate = _width_allocator(args)
-    device = resolve_device(args.device)
-    timings = {}
-    t = time.perf_counter()
-    model, tokenizer, source = load_model(args.model, "cpu", args.dtype, compute_device=device)
-    timings["load"] = time.perf_counter() - t
-    seqlen = model_seqlen(model, args)
-    t = time.perf_counter()
-    calib = data.calibration_ids(tokenizer, args.calib, args.nsamples, seqlen, args.seed, args.data_dir)
-    timings["calibration_data"] = time.perf_counter() - t
-    log(f"width-pruning {source} ({score} scores) on {device}")
-    result = prune_width(model, calib, allocate, score, bool(args.bias_compensation), device, args.batch_size)
-    timings["prune"] = result.pop("prune_seconds")
-    report = {"method": "width", "model": source, "width": args.width, "width_allocation": args.width_allocation
-              or ("uniform" if args.width is not None else None), "config": args.config, **result,
-              "protocol": {"model": describe_model(source), "calib": data.describe(args.calib, args.data_dir),
-                           "nsamples": args.nsamples,
-                           "seqlen": seqlen, "seed": args.seed, "device": device,
-                           "dtype": str(next(model.parameters()).dtype)},
-              "timings_s": timings}
+    job = PruneJob(_width_allocator(args), "width", {"score": score, "bias_compensation": bool(args.bias_compensation)},
+                   args.model, resolve_device(args.device), args.dtype, args.calib, args.nsamples, args.seed,
+                   args.seqlen, args.batch_size, args.data_dir)
+    model, tokenizer, report = run_prune(job, log)
+    report |= {"width": args.width, "config": args.config,
+               "width_allocation": args.width_allocation or ("uniform" if args.width is not None else None)}
     if args.ppl:
-        model.to(device)
-        report["ppl"] = perplexities(model, tokenizer, args.ppl.split(","), seqlen, args)
+        model.to(job.device)
+        report["ppl"] = perplexities(model, tokenizer, args.ppl.split(","), report["protocol"]["seqlen"], args)
         model.to("cpu")
     save_folder(out, _model_writer(model, tokenizer), "prune_report.json", report, "prune")
-    print(f"{'block':>5} {'heads':>9} {'kv':>7} {'channels':>13}")
-    for row in result["layers"]:
-        dense = row["dense"]
-        print(f"{row['block']:>5} {row['heads']:>4}/{dense['heads']:<4} {row['kv_heads']:>3}/{dense['kv_heads']:<3} "
-              f"{row['intermediate']:>6}/{dense['intermediate']:<6}")
-    before, after = result["before"], result["after"]
-    print(f"parameters {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.1%}; block "
-          f"projections {after['block_params'] / before['block_params']:.1%}); saved to {out}")
+    print_widths(report, out)
     return 0
