@@ -16,6 +16,7 @@ import torch
 
 from pruners.width import latency
 from pruners.width.counting import shapes
+from pruners.width.export import check_exportable
 from pruners.width.geometry import geometry
 from pruners.width.importance import importance
 from pruners.width.latency import LatencyTable
@@ -38,6 +39,7 @@ class WidthWorkspace(Workspace):
         """The width space under the budget's limits (refused if infeasible, before any cache is written; a
         latency limit first measures, or loads, this device's latency table)."""
         self.geom = geometry(self.model)
+        check_exportable(self.model)  # a width the search finds must slice and save: refuse other families first
         self.shapes = shapes(self.model, self.geom)
         self.m = 0
         self.space = make_width_space(self.geom, self.shapes, self.settings.budget, self.total_params, self.seqlen,
