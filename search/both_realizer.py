@@ -9,7 +9,6 @@ the kept weights."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from pruners.masks import pruned_count
 from pruners.registry import get_weight, set_weight
