@@ -86,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Budget-constrained per-layer sparsity search (an Optuna study in --out).")
     add_model_options(p)
     add_calib_options(p)
-    p.add_argument("--space", default="sparsity", choices=["sparsity", "width"],
+    p.add_argument("--space", default="sparsity", choices=["sparsity", "width", "both"],
                    help="sparsity: one sparsity per block or projection (default); width: per block the share of "
-                        "key/value groups and of MLP channels kept, under params/flops/memory/latency budgets")
+                        "key/value groups and of MLP channels kept, under params/flops/memory/latency budgets; "
+                        "both: widths plus the unstructured sparsity of each block's kept weights, under a params= "
+                        "budget of nonzero parameters")
     p.add_argument("--budget", default="sparsity=0.7",
                    help="sparsity=P (mean over prunable weights) or params=N (nonzero parameters, e.g. 4.5M, or a "
                         "share of the dense model such as 75%%); --space width also takes flops=, memory= and "
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-table", help="latency= budgets: a table measured on the serving device (the JSON a "
                                            "width run caches as cache/latency-*.json); default: measured here once")
     p.add_argument("--width-score", choices=["wanda", "flap", "taylor"],
-                   help="--space width: importance of heads and channels (default: flap)")
+                   help="--space width or both: importance of heads and channels (default: flap)")
     p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (layers get k:M levels)")
     p.add_argument("--granularity", default="block", choices=["block", "projection"])
     p.add_argument("--pruner", default="wanda", choices=names(searchable=True),

@@ -31,6 +31,7 @@ class PruneJob:
     seqlen: int | None = None
     batch_size: int = 8
     data_dir: str | None = None
+    width: tuple[Allocator, str] | None = None  # slice to these widths (picked with this width score) first
 
 
 def _protocol(job: PruneJob, source: str, model, seqlen: int, calibrated: bool) -> dict:
@@ -62,9 +63,17 @@ def run_prune(job: PruneJob, log: Callable[[str], None] = lambda msg: None):
     seqlen = default_seqlen(model, job.seqlen, builtin=job.model is None)
     calib = None
     t = time.perf_counter()
-    if pruner.stats is not None:
+    if pruner.stats is not None or job.width is not None:
         calib = data.calibration_ids(tokenizer, job.calib, job.nsamples, seqlen, job.seed, job.data_dir)
     timings["calibration_data"] = time.perf_counter() - t
+    sliced = None
+    if job.width is not None:
+        from pruners.width.prune import prune_width
+
+        log(f"width-pruning {source} ({job.width[1]} scores) on {job.device}")
+        sliced = prune_width(model, calib, job.width[0], job.width[1], False, job.device, job.batch_size)
+        timings["slice"] = sliced.pop("prune_seconds")
+        targets = job.config.resolve(layout(model))  # the sliced model's projections
     log(f"pruning {source} with {job.method} on {job.device}")
     result = prune_model(model, pruner, targets, calib, device=job.device, batch_size=job.batch_size)
     timings["prune"] = result["prune_seconds"]
@@ -75,7 +84,18 @@ def run_prune(job: PruneJob, log: Callable[[str], None] = lambda msg: None):
     }
     if "details" in result:
         report["method_details"] = result["details"]
+    if sliced is not None:
+        report |= {"width": sliced, "nonzero_params": nonzero_params(model)}
     return model, tokenizer, report
+
+
+def nonzero_params(model) -> int:
+    """Parameters of the model less the zero weights of its prunable projections (what a params= budget counts)."""
+    from pruners.registry import get_weight, layout
+
+    lay = layout(model)
+    zeros = sum(int((get_weight(m) == 0).sum()) for block in lay.projections for m in block.values())
+    return sum(p.numel() for p in model.parameters()) - zeros
 
 
 def _run_width(job: PruneJob, log: Callable[[str], None]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from argparse import Namespace
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pruners.methods import METHODS
@@ -12,10 +13,18 @@ from pruners.targets import SparsityConfig, read_config
 from prunesearch.safety import UserError
 
 
-def load_choice(run: str | None, config: str | None) -> tuple[SparsityConfig | dict, dict, str]:
-    """The allocation to realize: a run's ``best_config.json`` or a config file; returns (the sparsity config, or
-    a width config's ``width`` section, its ``meta`` with the search's fitness and protocol, the file it came
-    from)."""
+@dataclass(frozen=True)
+class BothChoice:
+    """A ``--space both`` allocation: the ``width`` section to slice to, then the kept weights' sparsity targets."""
+
+    width: dict
+    sparsity: SparsityConfig
+
+
+def load_choice(run: str | None, config: str | None) -> tuple[SparsityConfig | dict | BothChoice, dict, str]:
+    """The allocation to realize: a run's ``best_config.json`` or a config file; returns (the sparsity config, a
+    width config's ``width`` section, or both, its ``meta`` with the search's fitness and protocol, the file it
+    came from)."""
     if run is not None:
         path = Path(run) / "best_config.json"
         if not path.is_file():
@@ -29,6 +38,13 @@ def load_choice(run: str | None, config: str | None) -> tuple[SparsityConfig | d
     meta = data.get("meta") or {}
     if "width" not in data:
         return SparsityConfig.from_dict(data), meta, str(path)
+    if "sparsity" in data:
+        if set(data) - {"width", "sparsity", "pattern", "meta"} or not isinstance(data["width"], dict) \
+                or not data["width"]:
+            raise UserError(f"{path}: a widths-and-sparsity config holds a non-empty width section, sparsity, "
+                            "pattern and meta, nothing else")
+        sparsity = SparsityConfig.from_dict({k: v for k, v in data.items() if k in ("sparsity", "pattern")})
+        return BothChoice(data["width"], sparsity), meta, str(path)
     if set(data) - {"width", "meta"} or not isinstance(data["width"], dict) or not data["width"]:
         raise UserError(f"{path}: a width config holds a non-empty width section (and meta), nothing else")
     return data["width"], meta, str(path)

@@ -110,23 +110,29 @@ def cmd_realize(args: argparse.Namespace) -> int:
 
     from prunesearch.models import resolve_device
     from prunesearch.pruning import PruneJob, run_prune, save_folder
-    from prunesearch.realize import calibration, check_eval_data, load_choice, method, realize_report, width_target
+    from prunesearch.realize import (BothChoice, calibration, check_eval_data, load_choice, method, realize_report,
+                                     width_target)
 
     out = check_out(args.out, args.overwrite)
     config, meta, origin = load_choice(args.run, args.config)
-    width = isinstance(config, dict)
-    chosen = method(args.method, width)
+    width, both = isinstance(config, dict), isinstance(config, BothChoice)
+    # widths and sparsity: sliced, then the kept weights pruned with the search's pruner unless told otherwise
+    chosen = method(args.method or (meta.get("pruner", "wanda") if both else None), width)
     if width and args.wbits is not None:
         raise UsageError("--wbits quantizes a sparsity allocation's kept weights; a width allocation is sliced")
     if not width:
         check_wbits(chosen, args.wbits)
-    calib = calibration(args, meta, width)
+    calib = calibration(args, meta, width or both)
     datasets = [d for d in args.ppl.split(",") if d]
     check_eval_data(datasets, args.data_dir)
     device = resolve_device(args.device)
+    sliced = None
+    if both:
+        allocate, width_options = width_target(config.width, meta)
+        config, sliced = config.sparsity, (allocate, width_options["score"])
     target, options = width_target(config, meta) if width else (config, {"wbits": args.wbits})
     job = PruneJob(target, chosen, options, args.model or meta.get("model"), device, args.dtype, calib["calib"],
-                   calib["nsamples"], calib["seed"], calib["seqlen"], args.batch_size, args.data_dir)
+                   calib["nsamples"], calib["seed"], calib["seqlen"], args.batch_size, args.data_dir, sliced)
     model, tokenizer, report = run_prune(job, log)
 
     def write(folder: Path) -> None:
@@ -154,7 +160,10 @@ def cmd_realize(args: argparse.Namespace) -> int:
         print_widths(report, out)
         print(f"realized with width ({options['score']} scores){'; ppl ' + ppl if ppl else ''}")
         return 0
+    if both:
+        print_widths(report["width"], out)
     print_sparsity(report["layers"])
-    print(f"realized with {chosen}: global sparsity {report['global_sparsity']:.4f}"
+    nonzero = f"; {report['nonzero_params']:,} nonzero parameters" if both else ""
+    print(f"realized with {chosen}: global sparsity {report['global_sparsity']:.4f}{nonzero}"
           f"{'; ppl ' + ppl if ppl else ''}; saved to {out}")
     return 0

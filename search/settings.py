@@ -15,7 +15,7 @@ from prunesearch.safety import UserError
 LEVEL_PARAM = "budget_level"  # a multi-objective trial's budget: level k of RANGE_LEVELS steps across the range
 RANGE_LEVELS = 20
 PRUNERS = tuple(names(searchable=True))
-SPACES = ("sparsity", "width")
+SPACES = ("sparsity", "width", "both")
 # Default per-unit bounds: budget ± BOUND_WIDTH, inside [0, 0.99]. The best allocations of a real model span wide:
 # SmolLM2-135M at 70% wants ~0.4 in the first blocks and ~0.9 in the last (a ± 0.2 box cut that optimum off).
 BOUND_WIDTH = 0.35
@@ -103,11 +103,15 @@ class SearchSettings:
                             "removed heads and channels: use --space width")
         if self.space not in SPACES:
             raise UserError(f"search space must be one of {', '.join(SPACES)}, got {self.space!r}")
-        if self.space == "width":
+        if self.space == "both" and (budget.ranged is not None or "params" not in budget.kinds):
+            raise UserError(f"--space both searches one params= budget (nonzero parameters, such as params=60%; "
+                            f"flops=, memory= and latency= may limit the widths too), got {self.budget!r}")
+        if self.space in ("width", "both"):
             self._validate_width()
 
     def _validate_width(self) -> None:
-        """What the width space cannot take: another budget kind or a range, N:M, a sparsity pruner or bounds."""
+        """What the width spaces cannot take: a sparsity= budget, N:M, another pruner (the both space prunes the
+        kept weights with Wanda, whose per-row ranks it caches), bounds, or the evolutionary sampler."""
         from pruners.width.importance import METRICS
 
         from search.budget import Budget
@@ -116,15 +120,16 @@ class SearchSettings:
             raise UserError(f"--space width needs params=, flops=, memory= or latency= budgets (such as params=75% "
                             f"or params=100M,latency=70%), got {self.budget!r}")
         if self.pattern != "unstructured":
-            raise UserError(f"--space width removes whole heads and channels; --pattern {self.pattern} does not "
+            raise UserError(f"--space {self.space} removes whole heads and channels; --pattern {self.pattern} does not "
                             "apply")
         if self.pruner != "wanda":
-            raise UserError(f"--space width scores heads and channels with --width-score; --pruner {self.pruner} "
-                            "does not apply")
+            raise UserError(f"--space {self.space} scores heads and channels with --width-score; --pruner "
+                            f"{self.pruner} does not apply")
         if self.granularity != "block" or self.min_sparsity is not None or self.max_sparsity is not None:
             raise UserError("--granularity, --min-sparsity and --max-sparsity apply to the sparsity space only")
         if self.sampler == "evo":
-            raise UserError("the evolutionary sampler moves sparsity levels; --space width needs tpe, qmc or nsga2")
+            raise UserError(f"the evolutionary sampler moves sparsity levels; --space {self.space} needs tpe, qmc or "
+                            "nsga2")
         if self.width_score not in METRICS:
             raise UserError(f"--width-score must be one of {', '.join(METRICS)}, got {self.width_score!r}")
 

@@ -22,6 +22,7 @@ from search import faults, storage as storages
 from search.results import finish
 from search.samplers import make_sampler, param_name
 from search.settings import LEVEL_PARAM, RANGE_LEVELS, SearchSettings
+from search.both_workspace import BothWorkspace
 from search.space import Space
 from search.width_workspace import WidthWorkspace
 from search.workspace import Workspace
@@ -29,8 +30,9 @@ from search.workspace import Workspace
 
 def open_workspace(settings: SearchSettings, out: Path, device: str = "cpu", batch_size: int = 8,
                    cache_dir: Path | None = None) -> Workspace:
-    """The workspace of the settings' search space: per-unit sparsity (``Workspace``) or widths (``WidthWorkspace``)."""
-    cls = WidthWorkspace if settings.space == "width" else Workspace
+    """The workspace of the settings' search space: per-unit sparsity (``Workspace``), widths (``WidthWorkspace``)
+    or both (``BothWorkspace``)."""
+    cls = {"width": WidthWorkspace, "both": BothWorkspace}.get(settings.space, Workspace)
     return cls(settings, out, device, batch_size, cache_dir)
 
 

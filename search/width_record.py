@@ -53,8 +53,33 @@ class WidthRecord:
 
     @classmethod
     def load(cls, path: Path) -> WidthRecord:
+        """Read a record (a ``--space both`` run's as its ``BothRecord``)."""
         d = read_json(Path(path), "width space record")
+        if isinstance(d, dict) and d.get("space") == "both":
+            cls = BothRecord
         try:
             return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
         except TypeError as e:
             raise UserError(f"{path} is not a width space record ({e})") from None
+
+
+@dataclass(frozen=True)
+class BothRecord(WidthRecord):
+    """A ``--space both`` run's space: the width units' record, plus ``s[block]`` in its trials, the unstructured
+    sparsity of each block's kept projection weights (``budget_params`` counts nonzero parameters)."""
+
+    sparsity_units: tuple[str, ...] = ()  # "3.sparsity"
+    sparsity_low: float = 0.0  # bounds of a sampled sparsity
+    sparsity_high: float = 0.99
+    pruner: str = "wanda"
+    space: str = "both"
+
+    @classmethod
+    def from_workspace(cls, ws) -> BothRecord:
+        """The record of a ``search.both_workspace.BothWorkspace``."""
+        from types import SimpleNamespace
+
+        sp = ws.space
+        base = WidthRecord.from_workspace(SimpleNamespace(space=sp.width, settings=ws.settings, source=ws.source))
+        return cls(**{**asdict(base), "sparsity_units": sp.units[sp.width.dim:], "sparsity_low": sp.s_low,
+                      "sparsity_high": sp.s_high, "pruner": ws.settings.pruner, "space": "both"})

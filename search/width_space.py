@@ -138,14 +138,16 @@ class WidthSpace:
         """Whether an allocation meets every limit."""
         return all(self._holds(c, kept) for c in self.constraints)
 
-    def _real(self, x: np.ndarray) -> np.ndarray:
-        """Real-valued kept counts of shares ``x`` after the common shift that meets every limit (bisection)."""
+    def _real(self, x: np.ndarray, grow: bool = True) -> np.ndarray:
+        """Real-valued kept counts of shares ``x`` after the common shift that meets every limit (bisection);
+        without ``grow`` the shift only lowers shares that break a limit."""
         x = np.clip(np.asarray(x, dtype=np.float64), self.low, self.high)
 
         def real(t: float) -> np.ndarray:
             return self.counts * np.clip(x - t, self.low, self.high)
 
-        lo, hi = -1.0, 1.0  # real(lo): every share at the upper bound; real(hi): every share at the lower bound
+        # real(-1): every share at the upper bound; real(0): as sampled; real(1): every share at the lower bound
+        lo, hi = -1.0 if grow else 0.0, 1.0
         if self.feasible(real(lo)):
             return real(lo)
         for _ in range(50):
@@ -153,10 +155,11 @@ class WidthSpace:
             lo, hi = (lo, mid) if self.feasible(real(mid)) else (mid, hi)
         return real(hi)
 
-    def project(self, x: np.ndarray) -> np.ndarray:
-        """The kept counts of sampled shares ``x``: within every limit, whole, at least one per unit, and with no
-        unit able to keep one more without breaking a limit."""
-        real = self._real(x)
+    def project(self, x: np.ndarray, grow: bool = True) -> np.ndarray:
+        """The kept counts of sampled shares ``x``: within every limit, whole, at least one per unit, and (with
+        ``grow``) with no unit able to keep one more without breaking a limit; without ``grow`` shares that meet
+        every limit stay as sampled (rounded)."""
+        real = self._real(x, grow)
         kept = np.clip(np.rint(real), 1, self.counts).astype(np.int64)
         while not self.feasible(kept):
             over = [c for c in self.constraints if not self._holds(c, kept)]
@@ -165,13 +168,14 @@ class WidthSpace:
             if not helps.any():
                 raise UserError("no width allocation meets " + "; ".join(c.describe() for c in over))
             kept[int(np.argmax(np.where(helps, kept - real, -np.inf)))] -= 1
-        while True:
+        while grow:
             slack = [(c, c.bound - c.cost(kept)) for c in self.constraints]
             fits = np.array([kept[i] < self.counts[i] and all(c.step(i, kept[i]) <= room + 1e-9 * abs(c.bound)
                                                               for c, room in slack) for i in range(self.dim)])
             if not fits.any():
                 return kept
             kept[int(np.argmax(np.where(fits, real - kept, -np.inf)))] += 1
+        return kept
 
     def fit(self, make, label: str) -> np.ndarray:
         """The allocation ``make(removed_share)`` (a heuristic such as uniform width) at the smallest removed share

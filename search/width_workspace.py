@@ -81,6 +81,14 @@ class WidthWorkspace(Workspace):
 
     def _prepare_realizer(self, device: str, batch_size: int) -> None:
         """Head and channel importance (cached per calibration protocol), the seeds, and the masking realizer."""
+        self.importance = self._importance(device, batch_size)
+        ends = set(self.target_range) if self.multi else {None}
+        self.space = self.space.widened([self.space_at(t).fit(make, label) for t in ends
+                                         for label, make in self._seed_makers().items()])
+        self.realizer = WidthRealizer(self.model, self.geom, self.importance)
+
+    def _importance(self, device: str, batch_size: int):
+        """Key/value group and MLP channel importance of the dense model, cached per calibration protocol."""
         s = self.settings
         key = s.key("model", "width_score", "calib", "nsamples", "seqlen", "seed", "data_dir")
 
@@ -90,12 +98,8 @@ class WidthWorkspace(Workspace):
             log.info("scored all heads and channels in %.1fs", time.perf_counter() - t)
             return imp
 
-        self.importance = load_or_build(self.cache / f"width-importance-{key}.safetensors", load_importance, build,
-                                        save_importance, "width importance cache")
-        ends = set(self.target_range) if self.multi else {None}
-        self.space = self.space.widened([self.space_at(t).fit(make, label) for t in ends
-                                         for label, make in self._seed_makers().items()])
-        self.realizer = WidthRealizer(self.model, self.geom, self.importance)
+        return load_or_build(self.cache / f"width-importance-{key}.safetensors", load_importance, build,
+                             save_importance, "width importance cache")
 
     def _seed_makers(self) -> dict:
         return width_seeds(self.geom, self.importance, self.shapes)

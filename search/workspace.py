@@ -82,18 +82,23 @@ class Workspace:
             self.scores = self._level_database(cache, device, batch_size)
             self.realizer = LevelRealizer(self.lay, self.scores)
         else:
-            key = settings.key("model", "pruner", "pattern", "calib", "nsamples", "seqlen", "seed", "data_dir")
-            path = cache / f"scores-{key}.safetensors"
-
-            def build() -> ScoreCache:
-                t = time.perf_counter()
-                scores = ScoreCache.build(self.model, self.lay, settings.pruner, self.m, self.calibration_ids(),
-                                          device, batch_size)
-                log.info("ranked all weights in %.1fs", time.perf_counter() - t)
-                return scores
-
-            self.scores = load_or_build(path, ScoreCache.load, build, lambda c, tmp: c.save(tmp), "score cache")
+            self.scores = self._score_cache(device, batch_size)
             self.realizer = Realizer(self.lay, self.scores)
+
+    def _score_cache(self, device: str, batch_size: int) -> ScoreCache:
+        """The pruner's ranks of every weight of the dense model, cached per calibration protocol."""
+        settings = self.settings
+        key = settings.key("model", "pruner", "pattern", "calib", "nsamples", "seqlen", "seed", "data_dir")
+
+        def build() -> ScoreCache:
+            t = time.perf_counter()
+            scores = ScoreCache.build(self.model, self.lay, settings.pruner, self.m, self.calibration_ids(),
+                                      device, batch_size)
+            log.info("ranked all weights in %.1fs", time.perf_counter() - t)
+            return scores
+
+        return load_or_build(self.cache / f"scores-{key}.safetensors", ScoreCache.load, build,
+                             lambda c, tmp: c.save(tmp), "score cache")
 
     def calibration_ids(self) -> torch.Tensor:
         """The calibration sequences the pruner's statistics come from (also used to realize the report)."""
@@ -236,9 +241,14 @@ class Workspace:
         an out-of-memory error fails the trial with its reason recorded (``search.faults``)."""
         return faults.guarded(self._objective, trial, self.multi, getattr(self, "stop_rule", None))
 
+    def suggest(self, trial: optuna.Trial) -> np.ndarray:
+        """The trial's sampled value of every unit, inside the space's bounds."""
+        return np.array([trial.suggest_float(param_name(u), self.space.low, self.space.high)
+                         for u in self.space.units])
+
     def _objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
         t = time.perf_counter()
-        x = np.array([trial.suggest_float(param_name(u), self.space.low, self.space.high) for u in self.space.units])
+        x = self.suggest(trial)
         target = self.range_target(trial.suggest_int(LEVEL_PARAM, 0, RANGE_LEVELS)) if self.multi else None
         alloc = self.allocation(x, target)
         trial.set_user_attr("allocation", alloc.tolist())

@@ -31,14 +31,14 @@ def cmd_search(args) -> int:
 
     check_search_args(args)  # storage, budget, pattern, out, numbers: before the model loads
     multi = Budget.parse(args.budget).ranged is not None
-    width = args.space == "width"
+    width = args.space in ("width", "both")
     if args.width_score and not width:
-        raise UsageError("--width-score only works with --space width")
+        raise UsageError("--width-score only works with --space width or both")
     if args.latency_table and not (width and "latency" in Budget.parse(args.budget).kinds):
-        raise UsageError("--latency-table only works with --space width and a latency= budget")
+        raise UsageError("--latency-table only works with --space width or both and a latency= budget")
     if width and args.predictor == "on":
-        raise UsageError("the accuracy predictor's features describe sparsity allocations; --space width needs "
-                         "--predictor off")
+        raise UsageError(f"the accuracy predictor's features describe sparsity allocations; --space {args.space} "
+                         "needs --predictor off")
     device = resolve_device(args.device)
     given = {"seqlen": args.seqlen, "nsamples": args.nsamples, "fitness_samples": args.fitness_samples,
              "low_fidelity_samples": args.low_fidelity_samples}
@@ -93,10 +93,10 @@ def _print_summary(summary: dict, out: Path) -> None:
         return
     kind = summary["fitness_kind"]
     header, cells = _report_columns(summary)
-    print(f"\n{'allocation':<14} {kind + ' (search data)':>20} " + " ".join(header))
+    print(f"\n{'allocation':<18} {kind + ' (search data)':>20} " + " ".join(header))
     rows = [("best", summary["best"]["fitness"])] + [(k, v["fitness"]) for k, v in summary["seeds"].items()]
     for label, fit in rows:
-        print(f"{label:<14} {fit:>20.5f} " + cells(label))
+        print(f"{label:<18} {fit:>20.5f} " + cells(label))
     alloc = ", ".join(f"{k}: {v:.3f}" for k, v in summary["best"]["allocation"].items())
     print(f"best ({summary['best']['label']}, trial {summary['best']['trial']}): {alloc}")
     print(f"{summary['trials']} trials ({summary['pruned']} stopped early at low fidelity), "
