@@ -26,7 +26,7 @@ class WidthRecord:
     dense_params: int
     budget: str  # as given, e.g. params=75%
     budget_params: int | None  # the most parameters a candidate may have (None: no params= limit)
-    limits: tuple[str, ...]  # every limit of the budget, resolved (e.g. "flops ≤ 1.2e+08 FLOPs per token (60.0% ...)")
+    limits: tuple[str, ...]  # every limit, resolved (e.g. "flops ≤ 1.2e+08 FLOPs per token (60.0% of dense)")
     low: float  # bounds of a sampled kept share
     high: float
     model: str
