@@ -175,7 +175,7 @@ def main() -> None:
              f"## (a) Evaluations to reach within 1% of the reference best (KL ≤ {threshold:.5f})", "",
              f"{ref_label} {args.seeds} sampler seeds × "
              f"{args.trials} trials per sampler; median over seeds (inf = not reached within {args.trials}). "
-             "Guided = warm-up of the 5 heuristic seeds + 7 Sobol points, then rounds of: fit an 8-member "
+             "Guided = warm-up of the heuristic seeds (uniform, OWL, ATP over its slope grid) + Sobol points, then rounds of: fit an 8-member "
              "bootstrap XGBoost ensemble, narrow bounds from 10,000 screened points, screen 32 TPE asks + the "
              "8 best screened points by mean − 1·std, measure the best 4.", "",
              "| sampler | evaluations to 1% (median) | seeds reached | evaluations to 5% (median) | best KL @25 | "
@@ -217,7 +217,7 @@ def main() -> None:
 
 
 def plot(curves: pd.DataFrame, threshold: float, tau_med: pd.DataFrame, measured: np.ndarray, pred: np.ndarray,
-         std: np.ndarray, out: Path, name: str = "") -> None:
+         std: np.ndarray, out: Path, suffix: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,7 +231,7 @@ def plot(curves: pd.DataFrame, threshold: float, tau_med: pd.DataFrame, measured
     ax.set(xlabel="real evaluations", ylabel="best KL so far (median over seeds)", yscale="log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / f"predictor_anytime{name}.png", dpi=120)
+    fig.savefig(out / f"predictor_anytime{suffix}.png", dpi=120)
     fig, ax = plt.subplots(figsize=(5, 4))
     for target, g in tau_med.groupby("target"):
         ax.plot(g.pairs, g.kendall_tau, marker="o", label=target)
@@ -239,14 +239,14 @@ def plot(curves: pd.DataFrame, threshold: float, tau_med: pd.DataFrame, measured
     ax.set(xlabel="training pairs", ylabel="Kendall τ (held-out)", xscale="log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / f"predictor_tau{name}.png", dpi=120)
+    fig.savefig(out / f"predictor_tau{suffix}.png", dpi=120)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.errorbar(measured, pred, yerr=std, fmt=".", alpha=0.6)
     lim = [min(measured.min(), pred.min()), max(measured.max(), pred.max())]
     ax.plot(lim, lim, "k:", lw=1)
     ax.set(xlabel="measured KL", ylabel="predicted KL (200 training pairs)", xscale="log", yscale="log")
     fig.tight_layout()
-    fig.savefig(out / f"predictor_scatter{name}.png", dpi=120)
+    fig.savefig(out / f"predictor_scatter{suffix}.png", dpi=120)
 
 
 if __name__ == "__main__":
