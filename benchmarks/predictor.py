@@ -10,7 +10,7 @@
 
     PYTHONPATH=. python benchmarks/predictor.py [--seeds 3] [--trials 100] [--reference 300]
     PYTHONPATH=. python benchmarks/predictor.py --model smollm2-135m --granularity projection --reference 0 \
-        --samplers guided,evo --data-dir ../shared/data --name -smollm2-projection
+        --samplers guided,evo --data-dir ../shared/data --name=-smollm2-projection70
 
 Run folders go to --runs (re-running resumes them); curated outputs to results/benchmarks/predictor_*.
 """

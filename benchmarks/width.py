@@ -12,7 +12,7 @@ The search calibrates as the other rows do (same C4 samples, sequence length and
 exactly the candidate the search measured.
 
     PYTHONPATH=. python benchmarks/width.py [--trials 40] [--reps 15]
-    PYTHONPATH=. python benchmarks/width.py --model smollm2-135m --data-dir ../shared/data --limit 64 --name -smollm2
+    PYTHONPATH=. python benchmarks/width.py --model smollm2-135m --data-dir ../shared/data --limit 64 --name=-smollm2
 """
 
 from __future__ import annotations
