@@ -93,7 +93,7 @@ def main() -> None:
     per_seq = {}
     for label, alloc in allocations.items():
         ws.realize(alloc)
-        per_seq[label] = [ws.reference.kl_sum(ws.model, i, i + 1, 1)[0] / (args.seqlen - 1) for i in range(n)]
+        per_seq[label] = [ws.fitness.reference.kl_sum(ws.model, i, i + 1, 1)[0] / (args.seqlen - 1) for i in range(n)]
         print(f"{label:>12} KL {np.mean(per_seq[label]):.4f}", flush=True)
     kl = np.array(list(per_seq.values()))
     full = kl.mean(axis=1)

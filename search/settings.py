@@ -83,8 +83,10 @@ class SearchSettings:
             raise UserError(f"search pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}{why}")
         if not 0 < self.level_step < 1:
             raise UserError(f"level step must be in (0, 1), got {self.level_step}")
-        if self.fitness not in ("kl", "ppl"):
-            raise UserError(f"fitness must be kl or ppl, got {self.fitness!r}")
+        from search.fitness import KINDS
+
+        if self.fitness not in KINDS:
+            raise UserError(f"fitness must be one of {', '.join(KINDS)}, got {self.fitness!r}")
         if not 0 < self.low_fidelity_samples <= self.fitness_samples:
             raise UserError("need 0 < low-fidelity samples <= fitness samples")
         if self.multi_objective and self.sampler == "evo":

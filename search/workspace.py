@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from pruners.registry import layout
 from prunesearch.files import load_or_build
 from search import faults, storage as storages
+from search.fitness import make_fitness
 from search.levels import LevelDatabase, LevelRealizer
 from search.samplers import allocation_key, param_name
 from search.scores import Realizer, ScoreCache
@@ -32,7 +32,6 @@ class Workspace:
     def __init__(self, settings: SearchSettings, out: Path, device: str = "cpu", batch_size: int = 8,
                  cache_dir: Path | None = None):
         from prunesearch import data
-        from prunesearch.evaluate import DenseReference
         from prunesearch.models import default_seqlen, describe_model, load_model
 
         settings.validate()
@@ -53,9 +52,8 @@ class Workspace:
         self.heldout = data.heldout_ids(self.tokenizer, settings.fitness_samples, self.seqlen, settings.seed,
                                         settings.data_dir)
         ref_key = settings.key("model", "fitness_samples", "seqlen", "seed", "data_dir")
-        ref_path = cache / f"reference-{ref_key}.safetensors"
-        if settings.fitness == "kl":
-            self.reference = DenseReference.cached(ref_path, self.model, self.heldout, batch_size)
+        self.fitness = make_fitness(settings.fitness, self.model, self.heldout, batch_size,
+                                    cache / f"reference-{ref_key}.safetensors")
 
     def _prepare_space(self, device: str, batch_size: int) -> None:
         """The budget and the space of per-unit sparsities (checked before any cache is written)."""
@@ -211,30 +209,18 @@ class Workspace:
 
         return SpaceRecord.from_workspace(self)
 
-    def _fitness_sum(self, start: int, stop: int) -> tuple[float, int]:
-        if self.settings.fitness == "kl":
-            return self.reference.kl_sum(self.model, start, stop, self.batch_size)
-        from prunesearch.evaluate import window_nll
-
-        nll = window_nll(self.model, self.heldout[start:stop], self.batch_size)
-        return float(nll.sum()) * (self.seqlen - 1), nll.numel() * (self.seqlen - 1)
-
-    def _value(self, total: float, count: int) -> float:
-        mean = total / count
-        return mean if self.settings.fitness == "kl" else math.exp(mean)
-
     def measure(self, alloc: np.ndarray, trial: optuna.Trial | None = None) -> dict:
         """Realize and score an allocation at both fidelities; a ``trial`` may be pruned after the first."""
         self.realize(alloc)
         n_low = self.settings.low_fidelity_samples
-        low_sum, low_count = self._fitness_sum(0, n_low)
-        low = self._value(low_sum, low_count)
+        low_sum, low_count = self.fitness.partial(self.model, 0, n_low)
+        low = self.fitness.value(low_sum, low_count)
         if trial is not None:
             trial.report(low, step=0)
             if trial.should_prune():
                 raise optuna.TrialPruned
-        rest_sum, rest_count = self._fitness_sum(n_low, self.heldout.shape[0])
-        return {"fitness_low": low, "fitness": self._value(low_sum + rest_sum, low_count + rest_count)}
+        rest_sum, rest_count = self.fitness.partial(self.model, n_low, self.heldout.shape[0])
+        return {"fitness_low": low, "fitness": self.fitness.value(low_sum + rest_sum, low_count + rest_count)}
 
     def objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
         """Fitness of the trial's allocation; with a budget range, (fitness, sparsity). A non-finite fitness or

@@ -1,0 +1,56 @@
+"""The search's fitness: how far a candidate is from the dense model on held-out tokens, summed over a slice of the
+held-out sequences at a time, so that a first rung of a few sequences can stop poor candidates early.
+
+``kl`` (default): mean per-token KL(dense ‖ candidate), against dense log-probabilities computed once and cached.
+``ppl``: perplexity of the candidate on the same tokens (no dense reference needed).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+KINDS = ("kl", "ppl")
+
+
+class KLFitness:
+    """Mean KL to the dense model's next-token distributions (``prunesearch.evaluate.DenseReference``)."""
+
+    def __init__(self, model: nn.Module, heldout: torch.Tensor, batch_size: int, cache: Path):
+        from prunesearch.evaluate import DenseReference
+
+        self.batch_size = batch_size
+        self.reference = DenseReference.cached(cache, model, heldout, batch_size)
+
+    def partial(self, model: nn.Module, start: int, stop: int) -> tuple[float, int]:
+        """(summed KL, tokens) over held-out sequences ``start:stop``."""
+        return self.reference.kl_sum(model, start, stop, self.batch_size)
+
+    def value(self, total: float, count: int) -> float:
+        return total / count
+
+
+class PerplexityFitness:
+    """Perplexity of the candidate itself on the held-out tokens."""
+
+    def __init__(self, model: nn.Module, heldout: torch.Tensor, batch_size: int, cache: Path):
+        self.heldout, self.batch_size = heldout, batch_size
+
+    def partial(self, model: nn.Module, start: int, stop: int) -> tuple[float, int]:
+        """(summed negative log-likelihood, tokens) over held-out sequences ``start:stop``."""
+        from prunesearch.evaluate import window_nll
+
+        nll = window_nll(model, self.heldout[start:stop], self.batch_size)
+        tokens = self.heldout.shape[1] - 1
+        return float(nll.sum()) * tokens, nll.numel() * tokens
+
+    def value(self, total: float, count: int) -> float:
+        return math.exp(total / count)
+
+
+def make_fitness(kind: str, model: nn.Module, heldout: torch.Tensor, batch_size: int, cache: Path):
+    """The fitness of ``kind`` on ``heldout`` (``cache``: where a dense reference is kept between runs)."""
+    return {"kl": KLFitness, "ppl": PerplexityFitness}[kind](model, heldout, batch_size, cache)
