@@ -160,6 +160,23 @@ def search_argv(model_dir, calib_file, out, *extra, trials: int = 6, samples: in
             "--trials", str(trials), "--out", str(out), *map(str, extra)]
 
 
+def structured_search_argv(space: str, model_dir, calib_file, out, *extra, trials: int = 10) -> list[str]:
+    """``prunesearch search --space width|both`` arguments for a tiny model (6 held-out sequences, 4 calibration)."""
+    return ["search", "--space", space, "--model", str(model_dir), "--calib", str(calib_file), "--nsamples", "4",
+            "--seqlen", "32", "--fitness-samples", "6", "--low-fidelity-samples", "2", "--device", "cpu",
+            "--report-ppl=", "--quiet", "--trials", str(trials), "--out", str(out), *map(str, extra)]
+
+
+def assert_refused(argv, message: str, out, capsys) -> None:
+    """The CLI refuses ``argv`` with one line containing ``message``, exit 2, and writes no ``out``."""
+    from prunesearch.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
 def cli_process(argv, cwd=None, **kw):
     """``python -m prunesearch ARGV`` as a separate process of this checkout (stdout/stderr piped)."""
     import subprocess

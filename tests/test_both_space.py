@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import prunesearch  # noqa: F401  (registers the sliced models' classes for AutoModelForCausalLM)
-from conftest import saved_tiny_model, search_settings, tiny_model
+from conftest import assert_refused, saved_tiny_model, search_settings, structured_search_argv, tiny_model
 from pruners.registry import get_weight, layout, set_weight
 from pruners.width.counting import shapes
 from pruners.width.geometry import geometry, sub
@@ -27,9 +27,7 @@ TRIALS = 10
 
 
 def _search_argv(model_dir, calib_file, out, *extra) -> list[str]:
-    return ["search", "--space", "both", "--model", str(model_dir), "--calib", str(calib_file), "--nsamples", "4",
-            "--seqlen", "32", "--fitness-samples", "6", "--low-fidelity-samples", "2", "--device", "cpu",
-            "--report-ppl=", "--quiet", "--trials", str(TRIALS), "--out", str(out), *map(str, extra)]
+    return structured_search_argv("both", model_dir, calib_file, out, *extra, trials=TRIALS)
 
 
 def _kept_rows(space, alloc) -> int:
@@ -163,7 +161,4 @@ def test_both_search_meets_the_budget_and_realizes(family, sampler, budget, tiny
 def test_bad_both_search_input_is_one_line_exit_2_and_leaves_nothing(tiny_llama_dir, tiny_calib_file, tmp_path,
                                                                       capsys, extra, message):
     out = tmp_path / "x"
-    assert main(_search_argv(tiny_llama_dir, tiny_calib_file, out, *extra)) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
-    assert not out.exists()
+    assert_refused(_search_argv(tiny_llama_dir, tiny_calib_file, out, *extra), message, out, capsys)

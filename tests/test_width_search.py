@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import saved_tiny_model, search_settings, tiny_model
+from conftest import assert_refused, saved_tiny_model, search_settings, structured_search_argv, tiny_model
 from pruners.width.counting import shapes
 from pruners.width.geometry import geometry
 from prunesearch.cli import main
@@ -23,9 +23,7 @@ TRIALS = 10
 
 
 def _search_argv(model_dir, calib_file, out, *extra) -> list[str]:
-    return ["search", "--space", "width", "--model", str(model_dir), "--calib", str(calib_file), "--nsamples", "4",
-            "--seqlen", "32", "--fitness-samples", "6", "--low-fidelity-samples", "2", "--device", "cpu",
-            "--report-ppl=", "--quiet", "--trials", str(TRIALS), "--out", str(out), *map(str, extra)]
+    return structured_search_argv("width", model_dir, calib_file, out, *extra, trials=TRIALS)
 
 
 def test_projection_lands_on_the_budget_in_whole_units():
@@ -115,7 +113,4 @@ def test_width_search_meets_budget_beats_uniform_and_prunes_to_the_trial(family,
 def test_bad_width_search_input_is_one_line_exit_2_and_leaves_nothing(tiny_llama_dir, tiny_calib_file, tmp_path,
                                                                         capsys, extra, message):
     out = tmp_path / "x"
-    assert main(_search_argv(tiny_llama_dir, tiny_calib_file, out, *extra)) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
-    assert not out.exists()
+    assert_refused(_search_argv(tiny_llama_dir, tiny_calib_file, out, *extra), message, out, capsys)
