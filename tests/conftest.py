@@ -160,6 +160,16 @@ def search_argv(model_dir, calib_file, out, *extra, trials: int = 6, samples: in
             "--trials", str(trials), "--out", str(out), *map(str, extra)]
 
 
+def tiny_width_model(layers: int = 4):
+    """A tiny LLaMA with what width-space tests count with: (model, geometry, shapes, total parameters)."""
+    from pruners.width.counting import shapes
+    from pruners.width.geometry import geometry
+
+    model = tiny_model("llama", layers=layers)
+    geom = geometry(model)
+    return model, geom, shapes(model, geom), sum(p.numel() for p in model.parameters())
+
+
 def structured_search_argv(space: str, model_dir, calib_file, out, *extra, trials: int = 10) -> list[str]:
     """``prunesearch search --space width|both`` arguments for a tiny model (6 held-out sequences, 4 calibration)."""
     return ["search", "--space", space, "--model", str(model_dir), "--calib", str(calib_file), "--nsamples", "4",

@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 
 from prunesearch.cli import main
-from pruners.width.counting import flops_per_token, memory_bytes, params, shapes
+from pruners.width.counting import flops_per_token, memory_bytes, params
 from pruners.width.geometry import geometry
 from pruners.width.latency import LatencyTable, measure
 from search.budget import Budget
 from search.width_space import make_width_space
-from conftest import saved_tiny_model, search_settings, tiny_model
+from conftest import tiny_width_model
 
 
 def test_parse_reads_units_shares_ranges_and_token_counts():
@@ -41,10 +41,7 @@ def test_bad_budgets_say_what_is_wrong(text, message):
 
 
 def test_several_limits_are_counted_exactly_and_every_candidate_meets_all_with_none_able_to_grow():
-    model = tiny_model("llama", layers=4)
-    geom = geometry(model)
-    s = shapes(model, geom)
-    total = sum(p.numel() for p in model.parameters())
+    model, geom, s, total = tiny_width_model()
     space = make_width_space(geom, s, "params=85%,flops=70%@64,memory=80%@512", total, 32)
     assert [c.kind for c in space.constraints] == ["params", "flops", "memory"]
     rng = np.random.default_rng(0)
@@ -67,10 +64,7 @@ def test_several_limits_are_counted_exactly_and_every_candidate_meets_all_with_n
 
 
 def test_latency_constraint_is_the_tables_prediction_and_measure_gives_a_consistent_table():
-    model = tiny_model("llama", layers=4)
-    geom = geometry(model)
-    s = shapes(model, geom)
-    total = sum(p.numel() for p in model.parameters())
+    model, geom, s, total = tiny_width_model()
     dense = geom.widths[0]
     table = LatencyTable(64, "cpu", 1, 40.0, 8.0, (1, 2), (6.0, 8.0),
                          tuple(range(1, dense.intermediate + 1, 7)) + (dense.intermediate,),

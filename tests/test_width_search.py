@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_refused, saved_tiny_model, search_settings, structured_search_argv, tiny_model
+from conftest import assert_refused, saved_tiny_model, search_settings, structured_search_argv, tiny_width_model
 from pruners.width.counting import shapes
 from pruners.width.geometry import geometry
 from prunesearch.cli import main
@@ -27,10 +27,7 @@ def _search_argv(model_dir, calib_file, out, *extra) -> list[str]:
 
 
 def test_projection_lands_on_the_budget_in_whole_units():
-    model = tiny_model("llama", layers=4)
-    geom = geometry(model)
-    s = shapes(model, geom)
-    total = sum(p.numel() for p in model.parameters())
+    model, geom, s, total = tiny_width_model()
     space = make_width_space(geom, s, "params=70%", total, 32)
     budget = space.constraint("params").bound
     assert budget == pytest.approx(0.7 * total) and space.dim == 8 and space.units[:2] == ("0.attn", "0.mlp")
