@@ -20,7 +20,7 @@ from pruners.width.export import check_exportable
 from pruners.width.geometry import geometry
 from pruners.width.importance import importance
 from pruners.width.latency import LatencyTable
-from prunesearch.files import atomic_path, load_or_build
+from prunesearch.files import load_or_build
 from prunesearch.safety import UserError
 from search.budget import Budget
 from search.seeds import width_seeds
@@ -68,16 +68,16 @@ class WidthWorkspace(Workspace):
         device = str(next(self.model.parameters()).device)
         key = hashlib.sha256(json.dumps([str(self.source), tokens, device, torch.get_num_threads(), platform.node()]
                                         ).encode()).hexdigest()[:12]
-        path = self.cache / f"latency-{key}.json"
-        if path.is_file():
-            return LatencyTable.load(path)
-        t = time.perf_counter()
-        table = latency.measure(self.model, self.geom, tokens)
-        log.info("measured the latency table (%d tokens, %s) in %.1fs", tokens, device, time.perf_counter() - t)
+
+        def build() -> LatencyTable:
+            t = time.perf_counter()
+            table = latency.measure(self.model, self.geom, tokens)
+            log.info("measured the latency table (%d tokens, %s) in %.1fs", tokens, device, time.perf_counter() - t)
+            return table
+
         self.cache.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            table.save(tmp)
-        return table
+        return load_or_build(self.cache / f"latency-{key}.json", LatencyTable.load, build,
+                             lambda table, tmp: table.save(tmp), "latency table")
 
     def _prepare_realizer(self, device: str, batch_size: int) -> None:
         """Head and channel importance (cached per calibration protocol), the seeds, and the masking realizer."""
