@@ -36,7 +36,7 @@ def _kept_rows(space, alloc) -> int:
     return int((kept[:, 0] * space.rows[0] + kept[:, 1] * space.rows[1]).sum()) + 2 * space.hidden * len(kept)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gpt2"])
 @pytest.mark.parametrize("budget", ["params=60%", "params=50%,flops=70%"])
 def test_projection_lands_on_the_budget(family, budget):
     model = tiny_model(family, layers=4)
@@ -66,11 +66,12 @@ def gpt2_dir(tmp_path_factory, tiny_tokenizer):
     return saved_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2", tiny_tokenizer, "gpt2", layers=4)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_masked_candidate_equals_the_sliced_model_masked_alike(family, tiny_llama_dir, gpt2_dir, tiny_calib_file,
-                                                               tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gpt2"])
+def test_masked_candidate_equals_the_sliced_model_masked_alike(family, tiny_llama_dir, gpt2_dir, tiny_tokenizer,
+                                                               tiny_calib_file, tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path / "cache"))
-    model_dir = tiny_llama_dir if family == "llama" else gpt2_dir
+    model_dir = {"llama": tiny_llama_dir, "gpt2": gpt2_dir}.get(family) or saved_tiny_model(
+        tmp_path / f"tiny-{family}", tiny_tokenizer, family, layers=4)
     settings = search_settings(model_dir, tiny_calib_file, space="both", budget="params=55%", min_sparsity=None,
                                max_sparsity=None)
     ws = open_workspace(settings, tmp_path / "ws", "cpu")
