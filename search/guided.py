@@ -3,7 +3,8 @@
 After a warm-up of measured allocations (the heuristic seeds plus scrambled-Sobol points), every round
 
 1. fits the predictor on all completed trials (features of the effective allocation → fitness);
-2. screens random points of the current per-unit bounds, projected onto the budget, and narrows each unit's
+2. screens random points of the current per-unit bounds, projected onto the budget (with several units per
+   block, most of them random smooth depth profiles inside the bounds: ``smooth_profiles``), and narrows each unit's
    bounds to where the predicted best ``quantile`` of them lie (their ``spread``…1−``spread`` percentiles),
    widening insensitive units (rank correlation with the prediction below ``insensitive`` × the strongest)
    back to the full range and always keeping the incumbent best inside; a ``local`` share of the ``screen``
@@ -38,7 +39,7 @@ from predictors.metrics import cross_validate, ranking_metrics
 from predictors.model import FitnessPredictor, data_hash
 from prunesearch.files import repair_line_log
 from search.faults import counted, stop_rule
-from search.samplers import depth_waves, make_sampler, param_name
+from search.samplers import depth_waves, make_sampler, param_name, smooth_profiles
 from search.space import Space
 
 log = logging.getLogger("prunesearch.search")
@@ -183,7 +184,10 @@ class Guide:
                       if own and len(y) >= 6 else None)
                 rng = np.random.default_rng([self.seed, r])
                 n_local = int(cfg.local * cfg.screen)
-                screened = space.project(rng.uniform(low, high, size=(cfg.screen - n_local, space.dim)))
+                n_smooth = int(round((cfg.screen - n_local) * self._smooth_share()))
+                screened = space.project(np.concatenate([
+                    rng.uniform(low, high, size=(cfg.screen - n_local - n_smooth, space.dim)),
+                    smooth_profiles(space, rng, n_smooth, low, high)]))
                 mean, std = model.predict(features(screened, rec, spec), return_std=True)
                 incumbent = allocs[int(np.argmin(y))]
                 low, high, sens = narrow(space, screened, mean, incumbent, cfg.quantile, cfg.insensitive,
@@ -211,7 +215,8 @@ class Guide:
                                 if lo_ <= space.low and hi_ >= space.high],
                     "incumbent": {"trial": done[int(np.argmin(y))].number, "fitness": float(y.min()),
                                   "inside_bounds": bool(np.all((incumbent >= low) & (incumbent <= high)))},
-                    "screened": {"narrowing_samples": cfg.screen - n_local, "local_samples": n_local,
+                    "screened": {"narrowing_samples": cfg.screen - n_local, "smooth_samples": n_smooth,
+                                 "local_samples": n_local,
                                  "sampler_candidates": int(sum(
                         s == ws.settings.sampler for s in sources)), "screen_candidates": int(sum(
                             s == "screen" for s in sources)), "measured": len(chosen),
@@ -272,6 +277,13 @@ class Guide:
             self.study.enqueue_trial({param_name(n): float(v) for n, v in zip(space.units, x)},
                                      user_attrs={"guide": "warmup"})
         self._measure_queue()
+
+    def _smooth_share(self) -> float:
+        """Share of the narrowing screen drawn as smooth depth profiles: 1 − blocks/units, so none at block
+        granularity and 6/7 for the seven projections of a LLaMA block (the features see per-block depth bins,
+        which average jagged box points down to near-flat profiles)."""
+        space = self.ws.space
+        return 1.0 - len(set(space.blocks)) / space.dim
 
     def _local(self, rng: np.random.Generator, best: np.ndarray, low: np.ndarray, high: np.ndarray, n: int
                ) -> np.ndarray:

@@ -37,6 +37,24 @@ def depth_waves(space: Space, rng: np.random.Generator, n: int, amplitude: float
     return coef @ basis
 
 
+def smooth_profiles(space: Space, rng: np.random.Generator, n: int, low: np.ndarray, high: np.ndarray,
+                    knots: int = 5, jitter: float = 0.1) -> np.ndarray:
+    """``n`` random points of the per-unit box [``low``, ``high``] shaped like a depth profile: each unit's place
+    in its own range is a random piecewise-linear curve over depth (``knots`` uniform values at evenly spaced
+    depths) plus normal per-unit ``jitter`` (clipped to the box; not yet on the budget).
+
+    With several units per block (projection granularity), uniform box points are jagged and their block means
+    all sit near the box centre, so a screen of them never proposes the steep smooth profiles real models want;
+    these cover that low-dimensional family of shapes inside the same box.
+    """
+    depth = np.asarray(space.blocks, dtype=np.float64) / max(max(space.blocks), 1)
+    grid = np.linspace(0.0, 1.0, knots)
+    curves = np.stack([np.interp(depth, grid, row) for row in rng.uniform(size=(n, knots))]) if n else \
+        np.empty((0, space.dim))
+    place = np.clip(curves + rng.normal(scale=jitter, size=curves.shape), 0.0, 1.0)
+    return low + place * (high - low)
+
+
 class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
     """(1+λ) evolution whose mutations keep the budget: EvoPress's level switch made continuous, plus smooth moves.
 

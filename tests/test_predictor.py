@@ -181,6 +181,7 @@ def test_guided_run_writes_rounds_and_measures_fewer_than_it_screens(guided_runs
         candidates = counts["sampler_candidates"] + counts["screen_candidates"]
         assert counts["measured"] == 3 < candidates == counts["measured"] + counts["screened_out"]
         assert counts["narrowing_samples"] == counts["local_samples"] == 250
+        assert counts["smooth_samples"] == 0  # one unit per block: the box is screened as it is
         assert r["incumbent"]["inside_bounds"]
         assert all(0.3 <= lo < hi <= 0.9 for lo, hi in zip(r["bounds"]["low"], r["bounds"]["high"]))
         assert r["cv"]["n"] == r["train_pairs"]

@@ -164,3 +164,23 @@ def test_depth_waves_bend_whole_blocks_and_wave_children_stay_on_budget():
         assert np.all(child >= 0.25 - 1e-12) and np.all(child <= 0.95 + 1e-12)
         assert np.abs(child - parent).max() > 1e-4
         np.testing.assert_allclose(child.reshape(6, 3), child.reshape(6, 3)[:, :1].repeat(3, axis=1), atol=1e-9)
+
+
+def test_smooth_profiles_stay_in_the_box_and_follow_depth():
+    from search.samplers import smooth_profiles
+
+    blocks = tuple(b for b in range(10) for _ in range(7))
+    space = Space(tuple(f"{b}.{i}" for b in range(10) for i in range(7)), np.ones(70), 0.7, 0.35, 0.99,
+                  tuple((f"{b}.{i}",) for b in range(10) for i in range(7)), blocks)
+    rng = np.random.default_rng(0)
+    low, high = np.full(70, 0.4), np.linspace(0.8, 0.95, 70)
+    x = smooth_profiles(space, rng, 400, low, high, jitter=0.0)
+    assert x.shape == (400, 70) and np.all(x >= low) and np.all(x <= high)
+    place = ((x - low) / (high - low)).reshape(400, 10, 7)
+    np.testing.assert_allclose(place, place[:, :, :1].repeat(7, axis=2))  # no jitter: a block is one value
+    block_means = place[:, :, 0]
+    assert np.std(block_means, axis=1).mean() > 0.15  # unlike box points, whose block means all sit near 0.5
+    box = rng.uniform(size=(400, 70)).reshape(400, 10, 7).mean(axis=2)
+    assert np.std(box, axis=1).mean() < 0.13
+    jittered = smooth_profiles(space, rng, 400, low, high)
+    assert np.all(jittered >= low) and np.all(jittered <= high) and np.ptp(jittered.reshape(400, 10, 7), axis=2).max() > 0
