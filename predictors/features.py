@@ -1,7 +1,8 @@
 """Features of a per-layer allocation, defined over *relative* depth so one predictor serves models of any depth.
 
 The facts about a run's search space that features need (unit sizes, blocks, attention/MLP weight counts, OWL
-outlier ratios, budget) are a ``SpaceRecord``, written as ``space.json`` into every run folder. The feature
+outlier ratios, budget) are a ``SpaceRecord``, written as ``space.json`` into every run folder (a width run's are
+a ``predictors.width_features.WidthRecord``, with features of its own). The feature
 layout is a plain dict (the *spec*) saved with each predictor; features of a model with another number of blocks
 are the same columns because every per-block profile is resampled to ``depth_bins`` equal bins of depth.
 """
@@ -36,6 +37,12 @@ class SpaceRecord:
     budget: str
     granularity: str
     fitness_kind: str
+    space: str = "sparsity"
+
+    @property
+    def columns(self) -> list[str]:
+        """The trials table's columns holding an allocation (each unit's effective sparsity)."""
+        return [f"s[{u}]" for u in self.units]
 
     @property
     def budget_kind(self) -> str:
@@ -59,9 +66,8 @@ class SpaceRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> SpaceRecord:
-        if d.get("space") == "width":
-            raise UserError("a width run's space.json records widths; the accuracy predictor's features describe "
-                            "sparsity allocations")
+        if d.get("space", "sparsity") != "sparsity":
+            raise UserError(f"a {d['space']} run's space.json is not a sparsity space record (load_record reads both)")
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**fields)
 
@@ -73,10 +79,28 @@ class SpaceRecord:
         return cls.from_dict(read_json(path, "search space record"))
 
 
-def make_spec(depth_bins: int = 8) -> dict:
-    """The feature spec: its version, the number of depth bins and the resulting column names."""
+def load_record(path: Path):
+    """A run's ``space.json``: a ``SpaceRecord`` for a sparsity run, a ``predictors.width_features.WidthRecord`` (or
+    ``BothRecord``) for a width (or ``--space both``) run."""
+    d = read_json(Path(path), "search space record")
+    if isinstance(d, dict) and d.get("space", "sparsity") != "sparsity":
+        from predictors.width_features import WidthRecord
+
+        return WidthRecord.load(path)
+    return SpaceRecord.from_dict(d)
+
+
+def make_spec(depth_bins: int = 8, space: str = "sparsity") -> dict:
+    """The feature spec of a search space (``sparsity`` or ``width``): version, depth bins and column names."""
     if depth_bins < 2:
         raise UserError(f"depth_bins must be at least 2, got {depth_bins}")
+    if space == "width":
+        from predictors.width_features import make_width_spec
+
+        return make_width_spec(depth_bins)
+    if space != "sparsity":
+        raise UserError(f"the accuracy predictor has features for sparsity and for width allocations, not {space!r} "
+                        "(--space both needs --predictor off)")
     bins = range(depth_bins)
     names = ([f"depth[{b}]" for b in bins] + [f"attn_minus_mlp[{b}]" for b in bins]
              + [f"outliers[{b}]" for b in bins]
@@ -87,6 +111,9 @@ def make_spec(depth_bins: int = 8) -> dict:
 
 def check_spec(spec: dict, expected: dict) -> None:
     """Refuse features built under one spec for a predictor trained under another."""
+    if spec.get("space", "sparsity") != expected.get("space", "sparsity"):
+        raise UserError(f"the predictor was trained on features of {expected.get('space', 'sparsity')} allocations; "
+                        f"these are {spec.get('space', 'sparsity')} allocations")
     if spec != expected:
         diff = sorted(k for k in set(spec) | set(expected) if spec.get(k) != expected.get(k))
         raise UserError(f"feature spec mismatch (differs in {', '.join(diff)}): the predictor was trained on "
@@ -105,6 +132,18 @@ def depth_weights(num_blocks: int, depth_bins: int) -> np.ndarray:
     return w / w.sum(axis=1, keepdims=True)
 
 
+def trend(profile: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(slope, curvature) of every row of a per-block profile (n × blocks) over relative depth: least-squares
+    coefficients of depth and centred depth²; two blocks give their difference as the slope."""
+    nb = profile.shape[1]
+    depth = (np.arange(nb) + 0.5) / nb - 0.5
+    if nb < 3:
+        return (profile[:, -1] - profile[:, 0]) * (nb - 1), np.zeros(len(profile))
+    basis = np.stack([np.ones(nb), depth, depth ** 2 - np.mean(depth ** 2)], axis=1)
+    coef = np.linalg.lstsq(basis, profile.T, rcond=None)[0].T
+    return coef[:, 1], coef[:, 2]
+
+
 def _per_block(values: np.ndarray, weights: np.ndarray, blocks: np.ndarray, num_blocks: int) -> np.ndarray:
     """Weight-averaged value of every block, for each row of ``values`` (n × units) → (n × blocks)."""
     onehot = np.zeros((len(blocks), num_blocks))
@@ -116,7 +155,15 @@ def _per_block(values: np.ndarray, weights: np.ndarray, blocks: np.ndarray, num_
 
 
 def features(allocs: np.ndarray, rec: SpaceRecord, spec: dict) -> np.ndarray:
-    """Feature matrix (n × len(spec['names'])) of allocations (n × units, effective sparsities)."""
+    """Feature matrix (n × len(spec['names'])) of allocations (n × units: effective sparsities, or kept groups and
+    channels under a width spec)."""
+    if spec.get("space", "sparsity") != rec.space:
+        raise UserError(f"a {rec.space} run's allocations do not have the features of {spec.get('space', 'sparsity')} "
+                        "allocations this predictor uses")
+    if spec.get("space") == "width":
+        from predictors.width_features import width_features
+
+        return width_features(allocs, rec, spec)
     if spec.get("version") != SPEC_VERSION:
         raise ValueError(f"feature spec version {spec.get('version')} is not supported (this is {SPEC_VERSION})")
     a = np.atleast_2d(np.asarray(allocs, dtype=np.float64))
@@ -134,14 +181,7 @@ def features(allocs: np.ndarray, rec: SpaceRecord, spec: dict) -> np.ndarray:
     w = depth_weights(nb, bins)
     outliers = np.asarray(rec.outlier_ratio, dtype=np.float64)
     norm = outliers / outliers.mean() if outliers.mean() > 0 else np.ones(nb)
-    depth = (np.arange(nb) + 0.5) / nb - 0.5
-    if nb >= 3:
-        basis = np.stack([np.ones(nb), depth, depth ** 2 - np.mean(depth ** 2)], axis=1)
-        coef = np.linalg.lstsq(basis, block.T, rcond=None)[0].T
-        slope, curvature = coef[:, 1], coef[:, 2]
-    else:
-        slope = (block[:, -1] - block[:, 0]) * (nb - 1)
-        curvature = np.zeros(len(a))
+    slope, curvature = trend(block)
     pruned = a @ sizes
     attn_pruned = a @ attn
     cols = [

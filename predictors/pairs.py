@@ -1,7 +1,7 @@
 """Measured (allocation, fitness) pairs from search runs, as feature matrices a predictor trains or is scored on.
 
-A run folder holds ``trials.parquet`` (the effective allocation ``s[unit]`` and fitness of every trial) and
-``space.json`` (its ``SpaceRecord``). Extra pairs come as a parquet of *features* (the spec's column names plus
+A run folder holds ``trials.parquet`` (the effective allocation of every trial, ``s[unit]`` or, for a width run,
+``w[unit]``, and its fitness) and ``space.json`` (its ``SpaceRecord`` or ``WidthRecord``). Extra pairs come as a parquet of *features* (the spec's column names plus
 ``fitness``, ``model``, ``budget``, ``fitness_kind``), which is what ``export_pairs`` writes, so pairs from any
 model can be pooled without its space. Pairs of different models or budget kinds are refused unless mixing is
 asked for; different fitness kinds (KL vs perplexity) never mix.
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from predictors.features import SpaceRecord, features
+from predictors.features import features, load_record
 from prunesearch.files import read_parquet
 from prunesearch.safety import UserError
 
@@ -52,9 +52,12 @@ def run_pairs(run: Path, spec: dict) -> Pairs:
     if not space.exists():
         raise UserError(f"{run} has no space.json (runs of older versions): re-run its search command once, "
                         "which resumes without new trials and writes it")
-    rec = SpaceRecord.load(space)
+    rec = load_record(space)
+    if rec.space != spec.get("space", "sparsity"):
+        raise UserError(f"{run} is a {rec.space} run; these features describe {spec.get('space', 'sparsity')} "
+                        "allocations")
     frame = read_parquet(trials, "trials table")
-    cols = [f"s[{u}]" for u in rec.units]
+    cols = rec.columns
     missing = [c for c in cols if c not in frame.columns]
     if missing:
         raise UserError(f"{trials} lacks the allocation columns {missing[:3]} of its space.json")
@@ -66,6 +69,21 @@ def run_pairs(run: Path, spec: dict) -> Pairs:
     n = len(done)
     return Pairs(features(done[cols].to_numpy(dtype=np.float64), rec, spec), done.fitness.to_numpy(np.float64),
                  [str(run)] * n, [rec.model] * n, [rec.budget] * n, [rec.fitness_kind] * n)
+
+
+def pairs_space(runs: list[Path], files: list[Path]) -> str:
+    """The one search space (``sparsity`` or ``width``) of the runs and pairs files a predictor learns from."""
+    found = {}
+    for run in runs:
+        space = Path(run) / "space.json"
+        found[str(run)] = load_record(space).space if space.exists() else "sparsity"  # run_pairs says what lacks
+    for path in files:  # kept_params is a width feature only
+        found[str(path)] = "width" if "kept_params" in read_parquet(path, "pairs file").columns else "sparsity"
+    spaces = sorted(set(found.values()))
+    if len(spaces) > 1:
+        raise UserError("pairs come from " + " and ".join(spaces) + " searches (" + ", ".join(
+            f"{k}: {v}" for k, v in found.items()) + "); a predictor learns the features of one space")
+    return spaces[0] if spaces else "sparsity"
 
 
 def file_pairs(path: Path, spec: dict) -> Pairs:

@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--predictor", choices=["on", "off"],
                    help="prune the search space with a boosted-tree accuracy predictor (default: on, off for a "
-                        "budget range); rounds are logged to --out/predictor_rounds.jsonl and the final predictor "
+                        "budget range and for --space width and both; width has its own features, both has "
+                        "none); rounds are logged to --out/predictor_rounds.jsonl and the final predictor "
                         "saved in --out/predictor")
     p.add_argument("--predictor-init", help="warm-start from a predictor folder (`prunesearch predictor retrain`)")
     # calibration size and seqlen follow the model and device unless given (search.settings.EFFORT)

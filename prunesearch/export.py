@@ -1,5 +1,6 @@
 """Export a finished search: its best allocations as ``prune --config`` files (JSON or YAML) or as
-llm-compressor recipes, each carrying its measured fitness and the protocol it was measured under."""
+llm-compressor recipes, each carrying its measured fitness and the protocol it was measured under. A width (or
+``--space both``) run exports width configs (``prune --method width --config``); recipes cannot hold them."""
 
 from __future__ import annotations
 
@@ -60,13 +61,32 @@ def trial_config(row: pd.Series, unit_names: list[str], run: Path) -> dict:
     return {"sparsity": {u: float(row[f"s[{u}]"]) for u in unit_names}, "pattern": row["pattern"], "meta": meta}
 
 
+def width_trial_config(row: pd.Series, rec, run: Path) -> dict:
+    """One trial of a width (or ``--space both``) run as the config ``prune --method width --config`` and
+    ``realize`` read: per-block heads and MLP channels (plus the sparsity of the kept weights), with its protocol."""
+    blocks = sorted({int(u.partition(".")[0]) for u in rec.units})
+    config: dict = {"width": {str(b): {"heads": int(row[f"w[{b}.attn]"]) * rec.group,
+                                       "intermediate": int(row[f"w[{b}.mlp]"])} for b in blocks}}
+    extra = {}
+    if rec.space == "both":
+        config |= {"sparsity": {str(b): float(row[f"s[{b}]"]) for b in blocks}, "pattern": "unstructured"}
+        extra = {"nonzero_params": int(row["nonzero_params"]), "sliced_params": int(row["sliced_params"])}
+    meta = {"fitness": float(row["fitness"]), "trial": int(row["number"]), "label": row["label"],
+            "budget_sparsity": float(row["budget_sparsity"]), "run": str(run), "space": rec.space,
+            "params": int(row["nonzero_params"]), "width_score": rec.width_score,
+            "budget_counts": {k: _plain(row[k]) for k in ("params", "flops", "memory", "latency")
+                              if k in row.index and pd.notna(row[k])}, "budget_limits": list(rec.limits), **extra}
+    for key in PROTOCOL:
+        value = _plain(row[key])
+        meta[key] = json.loads(value) if key in ("fitness_data", "calib") else value
+    return config | {"meta": meta}
+
+
 def select(run: Path, top: int | None = None, pareto: bool = False) -> list[dict]:
     """The configs to export: the Pareto front of a budget-range run, else the ``top`` best (default 1)."""
     run = Path(run)
     frame = read_trials(run)
-    if any(c.startswith("w[") for c in frame.columns):
-        raise UserError(f"{run} is a width run: its best config is {run / 'best_config.json'} (for prune --method "
-                        "width --config, or realize --run); export writes sparsity configs")
+    width = any(c.startswith("w[") for c in frame.columns)
     if pareto:
         table = run / "pareto.csv"
         if not table.is_file():
@@ -78,6 +98,14 @@ def select(run: Path, top: int | None = None, pareto: bool = False) -> list[dict
     best = measured(frame).head(top or 1)
     if best.empty:
         raise UserError(f"{run} has no completed trial to export")
+    if width:
+        from predictors.width_features import WidthRecord
+
+        if not (run / "space.json").is_file():
+            raise UserError(f"{run} is a width run without space.json (an older version): re-run its search command "
+                            "once, which resumes without new trials and writes it")
+        rec = WidthRecord.load(run / "space.json")
+        return [width_trial_config(row, rec, run) for _, row in best.iterrows()]
     return [trial_config(row, units(frame), run) for _, row in best.iterrows()]
 
 

@@ -16,7 +16,7 @@ from prunesearch import report_figures as figs
 from prunesearch.export import PROTOCOL, read_trials, units
 from prunesearch.files import read_json, read_json_lines
 from prunesearch.safety import UserError
-from search.width_record import WidthRecord
+from predictors.width_features import WidthRecord
 
 log = logging.getLogger("prunesearch.report")
 

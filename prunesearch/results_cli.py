@@ -78,6 +78,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     configs = export.select(Path(args.run), args.top, args.pareto)
     if out.is_dir():  # --overwrite of an earlier multi-file export: no stale files stay behind
         shutil.rmtree(out)
+    if args.format == "llmcompressor" and "width" in configs[0]:
+        raise UsageError(f"{args.run} is a {configs[0]['meta']['space']} run: llm-compressor recipes prune weights in "
+                         "place and cannot remove heads or channels; export --format json or yaml (for prune --method "
+                         "width --config), or realize --run")
     lay, method = None, args.modifier
     if args.format == "llmcompressor":
         meta = configs[0]["meta"]
@@ -86,7 +90,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     paths = export.write(configs, args.format, out, lay, method)
     for config, path in zip(configs, paths):
         meta = config["meta"]
-        print(f"trial {meta['trial']:>5} {meta['fitness_kind']} {meta['fitness']:.5f} sparsity "
+        share = "removed" if "width" in config else "sparsity"
+        print(f"trial {meta['trial']:>5} {meta['fitness_kind']} {meta['fitness']:.5f} {share} "
               f"{meta['budget_sparsity']:.4f} -> {path}")
     return 0
 

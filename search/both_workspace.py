@@ -13,7 +13,7 @@ from pruners.width.geometry import geometry
 from search.both_realizer import BothRealizer
 from search.both_space import make_both_space
 from search.samplers import param_name
-from search.width_record import BothRecord
+from predictors.width_features import BothRecord
 from search.width_workspace import WidthWorkspace
 
 

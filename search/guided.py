@@ -34,7 +34,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from predictors.features import SpaceRecord, check_spec, features, make_spec
+from predictors.features import check_spec, features, make_spec
 from predictors.metrics import cross_validate, ranking_metrics
 from predictors.model import FitnessPredictor, data_hash
 from prunesearch.files import repair_line_log
@@ -151,9 +151,9 @@ class Guide:
 
         cfg = self.config
         out: Path = ws.out
-        rec = SpaceRecord.from_workspace(ws)
+        rec = ws.space_record()
         rec.save(out / "space.json")
-        spec = make_spec(cfg.depth_bins)
+        spec = make_spec(cfg.depth_bins, rec.space)
         init = load_init(cfg.init, spec) if cfg.init else None
         units, space = ws.space.units, ws.space
         self.seed = ws.settings.seed if cfg.seed is None else cfg.seed
@@ -185,23 +185,23 @@ class Guide:
                 rng = np.random.default_rng([self.seed, r])
                 n_local = int(cfg.local * cfg.screen)
                 n_smooth = int(round((cfg.screen - n_local) * self._smooth_share()))
-                screened = space.project(np.concatenate([
+                screened = space.project_many(np.concatenate([
                     rng.uniform(low, high, size=(cfg.screen - n_local - n_smooth, space.dim)),
                     smooth_profiles(space, rng, n_smooth, low, high)]))
                 mean, std = model.predict(features(screened, rec, spec), return_std=True)
-                incumbent = allocs[int(np.argmin(y))]
-                low, high, sens = narrow(space, screened, mean, incumbent, cfg.quantile, cfg.insensitive,
-                                         cfg.margin, cfg.min_width, cfg.spread)
-                near = self._local(rng, allocs[np.argsort(y)[:3]], low, high, n_local)
+                incumbent = space.sampled(allocs[int(np.argmin(y))])
+                low, high, sens = narrow(space, space.sampled(screened), mean, incumbent, cfg.quantile,
+                                         cfg.insensitive, cfg.margin, cfg.min_width, cfg.spread)
+                near = self._local(rng, space.sampled(allocs[np.argsort(y)[:3]]), low, high, n_local)
                 n_mean, n_std = model.predict(features(near, rec, spec), return_std=True)
                 screened = np.concatenate([screened, near])
                 mean, std = np.concatenate([mean, n_mean]), np.concatenate([std, n_std])
-                xs, sources = self._candidates(low, high, r, screened, mean - cfg.kappa * std)
+                xs, sources = self._candidates(low, high, r, space.sampled(screened), mean - cfg.kappa * std)
                 cand = np.array([ws.allocation(x) for x in xs])
                 c_mean, c_std = model.predict(features(cand, rec, spec), return_std=True)
                 lcb = c_mean - cfg.kappa * c_std
                 n = min(cfg.measure, self._left())
-                chosen = distinct_best(cand, lcb, n, cfg.min_width / 2)
+                chosen = distinct_best(space.sampled(cand), lcb, n, cfg.min_width / 2)
                 for i in chosen:
                     study.enqueue_trial({param_name(u): float(v) for u, v in zip(units, xs[i])},
                                         user_attrs={"guide": f"round-{r}/{sources[i]}", "predicted": float(c_mean[i]),
@@ -297,7 +297,7 @@ class Guide:
         waves = depth_waves(space, rng, n, 0.1 * float(np.mean(high - low)))
         smooth = np.arange(n) % 2 == 1
         x = np.clip(centres + np.where(smooth[:, None], waves, noise), low, high)
-        return space.project(x)
+        return space.project_many(x)
 
     def _candidates(self, low: np.ndarray, high: np.ndarray, r: int, screened: np.ndarray, score: np.ndarray
                     ) -> tuple[np.ndarray, list[str]]:
@@ -328,7 +328,7 @@ class Guide:
             return None
         return ranking_metrics(np.array([t.value for t in done]), np.array([t.user_attrs["predicted"] for t in done]))
 
-    def _save_final(self, rec: SpaceRecord, spec: dict) -> None:
+    def _save_final(self, rec, spec: dict) -> None:
         """Fit on every completed trial and save under ``predictor/`` with 5-fold metrics."""
         allocs, y, _ = _pairs(self.study, self.ws.space.units)
         if len(y) < 5:

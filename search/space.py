@@ -69,6 +69,14 @@ class Space:
         s = np.clip(s + np.where(free, gap[:, None], 0.0), self.low, self.high)
         return s[0] if x.ndim == 1 else s
 
+    def project_many(self, x: np.ndarray) -> np.ndarray:
+        """On-budget allocations of many sampled points (rows) at once (the guided search screens thousands)."""
+        return self.project(np.atleast_2d(x))
+
+    def sampled(self, alloc: np.ndarray) -> np.ndarray:
+        """The sampled point an allocation corresponds to: the allocation itself (a sparsity per unit)."""
+        return np.asarray(alloc, dtype=np.float64)
+
     def snap(self, alloc: np.ndarray, m: int) -> np.ndarray:
         """Round an on-budget allocation to multiples of 1/m (N:M levels), keeping the pruned-weight count as
         close to the budget as the grid allows (exact for equal-size units when target·m·units is whole)."""

@@ -48,6 +48,13 @@ class Constraint:
             return float(self.fixed + np.dot(self.per_unit, kept))
         return float(self.fixed + sum(np.interp(k, p, v) for k, p, v in zip(kept, self.points, self.values)))
 
+    def cost_many(self, kept: np.ndarray) -> np.ndarray:
+        """The constrained amount of many allocations (rows) at once."""
+        kept = np.atleast_2d(np.asarray(kept, dtype=np.float64))
+        if self.per_unit is not None:
+            return self.fixed + kept @ self.per_unit
+        return self.fixed + sum(np.interp(kept[:, i], p, v) for i, (p, v) in enumerate(zip(self.points, self.values)))
+
     def step(self, i: int, k: int) -> float:
         """What unit ``i`` adds going from ``k`` to ``k + 1`` groups or channels."""
         if self.per_unit is not None:
@@ -154,6 +161,30 @@ class WidthSpace:
             mid = 0.5 * (lo + hi)
             lo, hi = (lo, mid) if self.feasible(real(mid)) else (mid, hi)
         return real(hi)
+
+    def project_many(self, x: np.ndarray) -> np.ndarray:
+        """Real-valued kept counts of many sampled share vectors (rows): ``project``'s common shift that meets every
+        limit, bisected for all rows at once, without the whole-unit rounding (the guided search screens
+        thousands; its predictor reads kept shares, which rounding barely moves)."""
+        x = np.clip(np.atleast_2d(np.asarray(x, dtype=np.float64)), self.low, self.high)
+
+        def real(t: np.ndarray) -> np.ndarray:
+            return self.counts * np.clip(x - t[:, None], self.low, self.high)
+
+        def fits(kept: np.ndarray) -> np.ndarray:
+            return np.all([c.cost_many(kept) <= c.bound + 1e-9 * abs(c.bound) for c in self.constraints], axis=0)
+
+        lo, hi = np.full(len(x), -1.0), np.ones(len(x))
+        top = fits(real(lo))
+        for _ in range(50):
+            mid = 0.5 * (lo + hi)
+            ok = fits(real(mid))
+            lo, hi = np.where(ok, lo, mid), np.where(ok, mid, hi)
+        return np.where(top[:, None], real(np.full(len(x), -1.0)), real(hi))
+
+    def sampled(self, kept: np.ndarray) -> np.ndarray:
+        """The sampled point an allocation corresponds to: the kept share of every unit."""
+        return self.shares(kept)
 
     def project(self, x: np.ndarray, grow: bool = True) -> np.ndarray:
         """The kept counts of sampled shares ``x``: within every limit, whole, at least one per unit, and (with

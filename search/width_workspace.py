@@ -25,7 +25,7 @@ from prunesearch.safety import UserError
 from search.budget import Budget
 from search.seeds import width_seeds
 from search.width_realizer import WidthRealizer, load_importance, save_importance
-from search.width_record import WidthRecord
+from predictors.width_features import WidthRecord
 from search.width_space import make_width_space
 from search.workspace import Workspace
 
@@ -168,6 +168,6 @@ class WidthWorkspace(Workspace):
         self.realize(alloc)
 
     def space_record(self) -> WidthRecord:
-        """What ``space.json`` records of a width run (``search.width_record``): units, dense counts, parameters
+        """What ``space.json`` records of a width run (``predictors.width_features``): units, dense counts, parameters
         per group or channel, and the budget."""
         return WidthRecord.from_workspace(self)

@@ -138,8 +138,15 @@ def test_both_search_meets_the_budget_and_realizes(family, sampler, budget, tiny
     best = done.loc[done["fitness"].idxmin()]
     assert config["meta"]["nonzero_params"] == best["nonzero_params"] and config["meta"]["space"] == "both"
     assert set(config) == {"width", "sparsity", "pattern", "meta"} and len(config["sparsity"]) == 4
+    exported = tmp_path / "best.json"  # export gives back the best config from the trials table
+    assert main(["export", "--run", str(run), "--out", str(exported)]) == 0
+    again = json.loads(exported.read_text())
+    assert {k: again[k] for k in ("width", "sparsity", "pattern")} == {k: config[k] for k in ("width", "sparsity",
+                                                                                                "pattern")}
+    for key in ("nonzero_params", "sliced_params", "fitness", "space", "budget_limits"):
+        assert again["meta"][key] == config["meta"][key]
     out = tmp_path / "realized"
-    assert main(["realize", "--run", str(run), "--ppl", "", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["realize", "--config", str(exported), "--ppl", "", "--device", "cpu", "--out", str(out)]) == 0
     report = json.loads((out / "realize_report.json").read_text())
     assert report["method"] == "wanda" and report["nonzero_params"] == best["nonzero_params"]
     assert [r["heads"] for r in report["width"]["layers"]] == [v["heads"] for v in config["width"].values()]

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -90,9 +91,21 @@ def test_width_run_records_its_space_reports_widths_and_refuses_sparsity_tools(w
     assert (tmp_path / "report_figures" / "allocation.png").stat().st_size > 0
     assert "widths per block" in html.read_text() and "flap" in html.read_text()
 
-    assert main(["export", "--run", str(width_run), "--out", str(tmp_path / "x.json")]) == 2
-    assert "is a width run" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
-    with pytest.raises(UserError, match="width run's space.json"):
+    best = json.loads((width_run / "best_config.json").read_text())
+    assert main(["export", "--run", str(width_run), "--out", str(tmp_path / "x.json")]) == 0
+    exported = json.loads((tmp_path / "x.json").read_text())
+    assert exported["width"] == best["width"]  # the trials table gives back the search's own best config
+    for key in ("fitness", "trial", "params", "budget_counts", "budget_limits", "width_score", "space"):
+        assert exported["meta"][key] == best["meta"][key]
+    assert main(["export", "--run", str(width_run), "--top", "3", "--format", "yaml", "--out",
+                 str(tmp_path / "top")]) == 0
+    top = [yaml.safe_load(p.read_text()) for p in sorted((tmp_path / "top").iterdir())]
+    assert [c["meta"]["fitness"] for c in top] == sorted(c["meta"]["fitness"] for c in top)
+    assert top[0]["width"] == best["width"] and len({json.dumps(c["width"]) for c in top}) == 3
+    assert main(["export", "--run", str(width_run), "--format", "llmcompressor", "--out",
+                 str(tmp_path / "r.yaml")]) == 2
+    assert "cannot remove heads or channels" in capsys.readouterr().err and not (tmp_path / "r.yaml").exists()
+    with pytest.raises(UserError, match="is a width run; these features describe sparsity allocations"):
         run_pairs(width_run, make_spec())
 
 

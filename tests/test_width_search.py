@@ -103,7 +103,6 @@ def test_width_search_meets_budget_beats_uniform_and_prunes_to_the_trial(family,
     (["--budget", "memory=3parsecs"], "unknown unit 'parsecs' for memory"),
     (["--budget", "flops=1%"], "flops ≤"),
     (["--budget", "params=75%", "--sampler", "evo"], "needs tpe, qmc or nsga2"),
-    (["--budget", "params=75%", "--predictor", "on"], "needs --predictor off"),
     (["--budget", "params=120%"], "share in (0%, 100%]"),
     (["--budget", "params=1K"], "is infeasible for --space width"),
 ])

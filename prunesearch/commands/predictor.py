@@ -20,14 +20,14 @@ def cmd_predictor_retrain(args) -> int:
     from predictors.features import make_spec
     from predictors.metrics import cross_validate
     from predictors.model import FitnessPredictor, data_hash
-    from predictors.pairs import combine, file_pairs, run_pairs
+    from predictors.pairs import combine, file_pairs, pairs_space, run_pairs
 
     out = check_out(args.out, args.overwrite)
     if args.folds < 2:
         raise UsageError("--folds must be at least 2")
     if args.members < 1:
         raise UsageError("--members must be at least 1")
-    spec = make_spec(args.depth_bins)
+    spec = make_spec(args.depth_bins, pairs_space(args.runs, args.pairs))
     pairs = combine([run_pairs(Path(r), spec) for r in args.runs] + [file_pairs(Path(p), spec) for p in args.pairs],
                     args.allow_mixed)
     model = FitnessPredictor(n_members=args.members, target=args.target, objective=args.objective,
@@ -66,7 +66,7 @@ def cmd_predictor_evaluate(args) -> int:
 
     model, meta = FitnessPredictor.load(Path(args.predictor))
     spec = meta["feature_spec"]
-    check_spec(make_spec(spec.get("depth_bins", 0)), spec)
+    check_spec(make_spec(spec.get("depth_bins", 0), spec.get("space", "sparsity")), spec)
     pairs = run_pairs(Path(args.on), spec)
     training = meta.get("training", {})
     if training.get("fitness_kind") and training["fitness_kind"] != pairs.fitness_kind[0]:

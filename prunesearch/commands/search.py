@@ -36,9 +36,9 @@ def cmd_search(args) -> int:
         raise UsageError("--width-score only works with --space width or both")
     if args.latency_table and not (width and "latency" in Budget.parse(args.budget).kinds):
         raise UsageError("--latency-table only works with --space width or both and a latency= budget")
-    if width and args.predictor == "on":
-        raise UsageError(f"the accuracy predictor's features describe sparsity allocations; --space {args.space} "
-                         "needs --predictor off")
+    if args.space == "both" and args.predictor == "on":
+        raise UsageError("the accuracy predictor has features for sparsity and for width allocations, not both at "
+                         "once; --space both needs --predictor off")
     device = resolve_device(args.device)
     given = {"seqlen": args.seqlen, "nsamples": args.nsamples, "fitness_samples": args.fitness_samples,
              "low_fidelity_samples": args.low_fidelity_samples}

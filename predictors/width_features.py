@@ -1,6 +1,12 @@
 """What a width run records about its space in ``space.json`` (the file a sparsity run writes its
 ``predictors.features.SpaceRecord`` to): units, dense counts, parameters per key/value group or MLP channel and the
-budget, so that reading a run's trials (report, plots) needs neither the model nor the search's code."""
+budget, so that reading a run's trials (report, plots, the predictor's pairs) needs neither the model nor the
+search's code; and the accuracy predictor's features of a width allocation.
+
+Width features follow the sparsity features' idea: profiles over *relative* depth, resampled to equal depth bins,
+so one predictor serves models of any depth: the kept share of key/value groups and of MLP channels per bin, plus
+whole-model summaries (kept parameters, means, minima, first and last blocks, the depth trend of kept parameters).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from predictors.features import depth_weights, trend
 from prunesearch.files import atomic_json, read_json
 from prunesearch.safety import UserError
+
+WIDTH_SPEC_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,11 @@ class WidthRecord:
                    None if sp.constraint("params") is None else int(sp.constraint("params").bound),
                    tuple(c.describe() for c in sp.constraints), float(sp.low), float(sp.high), ws.source, s.fitness,
                    s.width_score)
+
+    @property
+    def columns(self) -> list[str]:
+        """The trials table's columns holding an allocation (kept groups or channels of every unit)."""
+        return [f"w[{u}]" for u in self.units]
 
     def shares(self, kept) -> np.ndarray:
         """The kept share of every unit under an allocation (kept counts per unit)."""
@@ -83,3 +97,42 @@ class BothRecord(WidthRecord):
         base = WidthRecord.from_workspace(SimpleNamespace(space=sp.width, settings=ws.settings, source=ws.source))
         return cls(**{**asdict(base), "sparsity_units": sp.units[sp.width.dim:], "sparsity_low": sp.s_low,
                       "sparsity_high": sp.s_high, "pruner": ws.settings.pruner, "space": "both"})
+
+
+def make_width_spec(depth_bins: int = 8) -> dict:
+    """The feature spec of width allocations (``predictors.features.make_spec(bins, "width")``)."""
+    bins = range(depth_bins)
+    names = ([f"attn_kept[{b}]" for b in bins] + [f"mlp_kept[{b}]" for b in bins]
+             + ["kept_params", "attn_mean", "mlp_mean", "attn_min", "mlp_min", "attn_first", "mlp_first",
+                "attn_last", "mlp_last", "kept_std", "kept_slope", "kept_curvature", "attention_share"])
+    return {"version": WIDTH_SPEC_VERSION, "space": "width", "depth_bins": depth_bins, "names": names}
+
+
+def width_features(kept: np.ndarray, rec: WidthRecord, spec: dict) -> np.ndarray:
+    """Feature matrix (n × len(spec['names'])) of width allocations (n × units: kept groups or channels, whole or,
+    when screening, real-valued)."""
+    if spec.get("version") != WIDTH_SPEC_VERSION:
+        raise ValueError(f"width feature spec version {spec.get('version')} is not supported "
+                         f"(this is {WIDTH_SPEC_VERSION})")
+    k = np.atleast_2d(np.asarray(kept, dtype=np.float64))
+    if k.shape[1] != len(rec.units):
+        raise ValueError(f"allocations have {k.shape[1]} values, the space has {len(rec.units)} units")
+    counts, costs = np.asarray(rec.counts, dtype=np.float64), np.asarray(rec.costs, dtype=np.float64)
+    blocks = np.asarray(rec.blocks)
+    attn = np.array([u.endswith(".attn") for u in rec.units])
+    nb = int(blocks.max()) + 1
+    share = k / counts
+    a_share, m_share = share[:, attn], share[:, ~attn]  # one of each per block, in block order
+    kept_params = (k * costs) @ np.eye(nb)[blocks] / ((counts * costs) @ np.eye(nb)[blocks])
+    w = depth_weights(nb, spec["depth_bins"]).T
+    slope, curvature = trend(kept_params)
+    attn_params = (k[:, attn] * costs[attn]).sum(axis=1)
+    total = k @ costs
+    summary = np.stack([
+        total / (counts @ costs), a_share.mean(axis=1), m_share.mean(axis=1), a_share.min(axis=1),
+        m_share.min(axis=1), a_share[:, 0], m_share[:, 0], a_share[:, -1], m_share[:, -1], kept_params.std(axis=1),
+        slope, curvature, np.divide(attn_params, total, out=np.zeros(len(k)), where=total > 0)], axis=1)
+    out = np.concatenate([a_share @ w, m_share @ w, summary], axis=1)
+    if out.shape[1] != len(spec["names"]):
+        raise ValueError(f"width feature spec lists {len(spec['names'])} names, the features have {out.shape[1]}")
+    return out
