@@ -39,7 +39,7 @@ from predictors.metrics import cross_validate, ranking_metrics
 from predictors.model import FitnessPredictor, data_hash
 from prunesearch.files import repair_line_log
 from search.faults import counted, stop_rule
-from search.samplers import depth_waves, make_sampler, param_name, smooth_profiles
+from search.samplers import depth_waves, make_sampler, mutate, param_name, smooth_profiles
 from search.space import Space
 
 log = logging.getLogger("prunesearch.search")
@@ -183,8 +183,9 @@ class Guide:
                 cv = (cross_validate(cfg.predictor(r, members=1), X, y, k=3, seed=r)[0]
                       if own and len(y) >= 6 else None)
                 rng = np.random.default_rng([self.seed, r])
-                n_local = int(cfg.local * cfg.screen)
-                n_smooth = int(round((cfg.screen - n_local) * self._smooth_share()))
+                share = self._smooth_share()
+                n_local = int((cfg.local + (1.0 - cfg.local) * share) * cfg.screen)
+                n_smooth = int(round((cfg.screen - n_local) * share))
                 screened = space.project_many(np.concatenate([
                     rng.uniform(low, high, size=(cfg.screen - n_local - n_smooth, space.dim)),
                     smooth_profiles(space, rng, n_smooth, low, high)]))
@@ -192,7 +193,7 @@ class Guide:
                 incumbent = space.sampled(allocs[int(np.argmin(y))])
                 low, high, sens = narrow(space, space.sampled(screened), mean, incumbent, cfg.quantile,
                                          cfg.insensitive, cfg.margin, cfg.min_width, cfg.spread)
-                near = self._local(rng, space.sampled(allocs[np.argsort(y)[:3]]), low, high, n_local)
+                near = self._local(rng, space.sampled(allocs[np.argsort(y)[:3]]), low, high, n_local, share > 0)
                 n_mean, n_std = model.predict(features(near, rec, spec), return_std=True)
                 screened = np.concatenate([screened, near])
                 mean, std = np.concatenate([mean, n_mean]), np.concatenate([std, n_std])
@@ -279,20 +280,28 @@ class Guide:
         self._measure_queue()
 
     def _smooth_share(self) -> float:
-        """Share of the narrowing screen drawn as smooth depth profiles: 1 − blocks/units, so none at block
-        granularity and 6/7 for the seven projections of a LLaMA block (the features see per-block depth bins,
-        which average jagged box points down to near-flat profiles)."""
+        """1 − blocks/units: none at block granularity, 6/7 for the seven projections of a LLaMA block. That share
+        of the narrowing screen is drawn as smooth depth profiles (the features see per-block depth bins, which
+        average jagged box points down to near-flat profiles), and that share of the rest of the screen becomes
+        evolution children of the best allocations (``_local``): in hundreds of dimensions a few dozen pairs
+        cannot steer box samples, but they rank small moves of the incumbent."""
         space = self.ws.space
         return 1.0 - len(set(space.blocks)) / space.dim
 
-    def _local(self, rng: np.random.Generator, best: np.ndarray, low: np.ndarray, high: np.ndarray, n: int
-               ) -> np.ndarray:
-        """``n`` on-budget perturbations of the best measured allocations: half per unit (σ = a tenth of each
-        unit's bounds), half smooth along depth (``depth_waves``, amplitude a tenth of the mean bound width)."""
+    def _local(self, rng: np.random.Generator, best: np.ndarray, low: np.ndarray, high: np.ndarray, n: int,
+               evolve: bool = False) -> np.ndarray:
+        """``n`` on-budget perturbations of the best measured allocations (as sampled points): half per unit (σ = a
+        tenth of each unit's bounds), half smooth along depth (``depth_waves``, amplitude a tenth of the mean bound
+        width); with ``evolve`` the budget-neutral evolution's small moves instead (``samplers.mutate``: a depth
+        wave or a few level switches), so the predictor screens thousands of children where the evolution would
+        measure them one by one."""
         space = self.ws.space
         if n == 0:
             return np.empty((0, space.dim))
         centres = best[rng.integers(0, len(best), n)]
+        if evolve:
+            children = np.stack([mutate(space, rng, c, low=low, high=high) for c in centres])
+            return space.project_many(np.clip(children, low, high))
         noise = rng.normal(size=centres.shape) * 0.1 * (high - low)
         waves = depth_waves(space, rng, n, 0.1 * float(np.mean(high - low)))
         smooth = np.arange(n) % 2 == 1

@@ -55,6 +55,28 @@ def smooth_profiles(space: Space, rng: np.random.Generator, n: int, low: np.ndar
     return low + place * (high - low)
 
 
+def mutate(space, rng: np.random.Generator, parent: np.ndarray, step: float = 0.02, max_moves: int = 3,
+           wave: float = 0.5, wave_amplitude: float = 0.05, low=None, high=None) -> np.ndarray:
+    """One child of a sampled point: with probability ``wave`` one depth wave (off the budget: project it), else 1 to
+    ``max_moves`` level switches between random pairs of units inside the bounds (default the space's), each moving
+    ``step`` × the mean unit size of weights from one unit to the other, so the budget is kept."""
+    if rng.random() < wave:
+        return parent + depth_waves(space, rng, 1, wave_amplitude)[0]
+    child = np.array(parent, dtype=np.float64)
+    sizes = space.sizes
+    lo = np.broadcast_to(space.low if low is None else low, child.shape)
+    hi = np.broadcast_to(space.high if high is None else high, child.shape)
+    for _ in range(rng.integers(1, max_moves + 1)):
+        for _attempt in range(20):
+            a, b = rng.choice(space.dim, size=2, replace=False)
+            da, db = step * sizes.mean() / sizes[a], step * sizes.mean() / sizes[b]
+            if child[a] + da <= hi[a] and child[b] - db >= lo[b]:
+                child[a] += da
+                child[b] -= db
+                break
+    return child
+
+
 class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
     """(1+λ) evolution whose mutations keep the budget: EvoPress's level switch made continuous, plus smooth moves.
 
@@ -94,20 +116,8 @@ class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
         return {param_name(u): float(v) for u, v in zip(self.space.units, child)}
 
     def _mutate(self, parent: np.ndarray) -> np.ndarray:
-        """One depth wave, or 1 to ``max_moves`` level switches between random pairs of units inside the bounds."""
-        if self.rng.random() < self.wave:
-            return self.space.project(parent + depth_waves(self.space, self.rng, 1, self.wave_amplitude)[0])
-        child = parent.copy()
-        sizes, lo, hi = self.space.sizes, self.space.low, self.space.high
-        for _ in range(self.rng.integers(1, self.max_moves + 1)):
-            for _attempt in range(20):
-                a, b = self.rng.choice(self.space.dim, size=2, replace=False)
-                da, db = self.step * sizes.mean() / sizes[a], self.step * sizes.mean() / sizes[b]
-                if child[a] + da <= hi and child[b] - db >= lo:
-                    child[a] += da
-                    child[b] -= db
-                    break
-        return child
+        return self.space.project(mutate(self.space, self.rng, parent, self.step, self.max_moves, self.wave,
+                                         self.wave_amplitude))
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         return self.fallback.sample_independent(study, trial, param_name, param_distribution)
