@@ -165,6 +165,11 @@ class BothSpace:
                 out["flap-half+sparsity"] = np.r_[self.width.shares(half), uniform]
         return out
 
+    def at(self, bound: float) -> BothSpace:
+        """The space whose nonzero-parameter budget is ``bound`` (a Pareto trial's own budget)."""
+        width = self.width.at(bound) if self.width.ranged is not None else self.width
+        return dataclasses.replace(self, budget=int(bound), width=width)
+
     def widened(self, seeds: dict[str, np.ndarray]) -> BothSpace:
         """The space whose lower share bound holds every seed's shares."""
         low = min([self.width.low] + [float(x[:self.width.dim].min()) for x in seeds.values()])
@@ -182,17 +187,15 @@ class BothSpace:
 
 def make_both_space(geom: Geometry, s: Shapes, budget: str, total_params: int, seqlen: int, prunable: int,
                     latency=None) -> BothSpace:
-    """The space of ``budget`` (a ``params=`` limit, optionally with width limits) for a model whose prunable
+    """The space of ``budget`` (a ``params=`` limit or range, optionally with width limits) for a model whose prunable
     projections hold ``prunable`` weights (checked against the width geometry: every one must be a sliced one)."""
-    parsed = Budget.parse(budget)
-    if parsed.ranged is not None or "params" not in parsed.kinds:
-        raise UserError(f"--space both searches one params= budget (nonzero parameters, such as params=60%; "
-                        f"flops=, memory= and latency= may limit the widths too), got {budget!r}")
+    parsed = Budget.parse(budget)  # validated by SearchSettings: a params= limit, the only one a range may move
     width = make_width_space(geom, s, budget, total_params, seqlen, latency)
     rows = ((geom.group + 2) * geom.head_dim, 2 if geom.gated else 1)
     span = (geom.group * geom.head_dim, 1)
-    space = BothSpace(dataclasses.replace(width, high=1.0), int(width.constraint("params").bound), 0.0,
-                      MAX_SPARSITY, geom.hidden, rows, span)
+    least = min(next(lim for lim in parsed.limits if lim.kind == "params").resolve(total_params))
+    space = BothSpace(dataclasses.replace(width, high=1.0), int(least), 0.0, MAX_SPARSITY, geom.hidden, rows, span)
+    space = space.at(least)  # the tightest budget decides feasibility and the sparsity bound
     n = space.blocks_n
     dense = space.kept_weights(width.counts, np.zeros(n)).sum()
     if dense != prunable:
@@ -202,4 +205,5 @@ def make_both_space(geom: Geometry, s: Shapes, budget: str, total_params: int, s
     if mean > MAX_SPARSITY - 0.01:
         raise UserError(f"budget {budget!r} is infeasible for --space both: the dense widths would need "
                         f"{mean:.1%} sparsity (at most {MAX_SPARSITY - 0.01:.0%})")
-    return dataclasses.replace(space, s_high=float(min(MAX_SPARSITY, max(mean, 0.0) + BOUND_WIDTH)))
+    loosest = space.at(width.constraint("params").bound)
+    return dataclasses.replace(loosest, s_high=float(min(MAX_SPARSITY, max(mean, 0.0) + BOUND_WIDTH)))

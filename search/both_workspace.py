@@ -12,6 +12,7 @@ from pruners.width.counting import shapes
 from pruners.width.geometry import geometry
 from search.both_realizer import BothRealizer
 from search.both_space import make_both_space
+from search.budget import Budget
 from search.samplers import param_name
 from predictors.width_features import BothRecord
 from search.width_workspace import WidthWorkspace
@@ -30,19 +31,30 @@ class BothWorkspace(WidthWorkspace):
         self.space = make_both_space(self.geom, self.shapes, self.settings.budget, self.total_params, self.seqlen,
                                      prunable, self._latency_table)
         self.budget_kind = "+".join(c.kind for c in self.space.width.constraints)
-        self.multi = False
         w = self.space.width
-        self.target_range = (float((w.params(w.counts) - self.space.budget) / (w.params(w.counts) - w.fixed)),) * 2
+        self.multi = w.ranged is not None
+        if self.multi:  # a Pareto run: trials draw the share of the dense model's parameters saved (nonzero)
+            dense = w.constraints[w.ranged].dense
+            ends = Budget.parse(self.settings.budget).ranged.resolve(dense)
+            self.target_range = tuple(sorted(1.0 - e / dense for e in ends))
+        else:
+            self.target_range = (float((w.params(w.counts) - self.space.budget) / (w.params(w.counts) - w.fixed)),) * 2
 
     def _prepare_realizer(self, device: str, batch_size: int) -> None:
         """Head and channel importance and Wanda ranks of the dense model (both cached), the seeds, the realizer."""
         self.importance = self._importance(device, batch_size)
         self.scores = self._score_cache(device, batch_size)
-        self.space = self.space.widened(self.seeds())
+        ends = set(self.target_range) if self.multi else {None}
+        self.space = self.space.widened({f"{label}@{t}": x for t in ends for label, x in self.seeds(t).items()})
         self.realizer = BothRealizer(self.geom, self.importance, self.scores)
 
     def space_at(self, target: float | None):
-        return self.space
+        """The space whose budget saves the share ``target`` of the dense model's parameters (a Pareto trial's own
+        budget); the run's space for None."""
+        if target is None:
+            return self.space
+        w = self.space.width
+        return self.space.at(w.constraints[w.ranged].dense * (1.0 - target))
 
     def suggest(self, trial: optuna.Trial) -> np.ndarray:
         """Kept shares of the width units, sparsities of the blocks, each inside its own bounds."""
@@ -53,7 +65,7 @@ class BothWorkspace(WidthWorkspace):
     def allocation(self, x: np.ndarray, target: float | None = None) -> np.ndarray:
         """Kept groups and channels within the width limits, then sparsities putting the nonzero count on the
         budget (``search.both_space``)."""
-        return self.space.project(x)
+        return self.space_at(target).project(x)
 
     def nonzero_params(self, alloc: np.ndarray) -> int:
         return self.space.nonzero(alloc)
@@ -64,17 +76,21 @@ class BothWorkspace(WidthWorkspace):
     def seeds(self, target: float | None = None) -> dict[str, np.ndarray]:
         """Pure sparsity, pure width (uniform and FLAP) and FLAP at half the removal plus sparsity, as sampled
         values (``BothSpace.seeds``)."""
-        return self.space.seeds(self._seed_makers())
+        return self.space_at(target).seeds(self._seed_makers())
 
-    trade_label = ""
+    @property
+    def trade_label(self) -> str:
+        return "share of dense parameters saved (nonzero)" if self.multi else ""
 
     def budget_attrs(self, alloc: np.ndarray) -> dict:
         """The removed share of the units' parameters (sliced or pruned), the sliced model's parameters and what
         every width limit counts."""
         kept = self.space.split(alloc)[0]
         amounts = {k: v for k, v in self.space.width.amounts(kept).items() if k != "params"}
-        return {"budget_sparsity": self.space.removed_share(alloc), "sliced_params": self.space.width.params(kept),
-                **amounts}
+        w = self.space.width
+        share = (1.0 - self.space.nonzero(alloc) / w.constraints[w.ranged].dense if self.multi
+                 else self.space.removed_share(alloc))
+        return {"budget_sparsity": share, "sliced_params": w.params(kept), **amounts}
 
     def budget_columns(self, t) -> dict:
         return {k: t.user_attrs.get(k) for k in ["sliced_params"] + [c.kind for c in self.space.width.constraints

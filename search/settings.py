@@ -105,9 +105,11 @@ class SearchSettings:
                             "removed heads and channels: use --space width")
         if self.space not in SPACES:
             raise UserError(f"search space must be one of {', '.join(SPACES)}, got {self.space!r}")
-        if self.space == "both" and (budget.ranged is not None or "params" not in budget.kinds):
-            raise UserError(f"--space both searches one params= budget (nonzero parameters, such as params=60%; "
-                            f"flops=, memory= and latency= may limit the widths too), got {self.budget!r}")
+        if self.space == "both" and ("params" not in budget.kinds or (budget.ranged is not None
+                                                                     and budget.ranged.kind != "params")):
+            raise UserError(f"--space both searches a params= budget of nonzero parameters (such as params=60%, or a "
+                            f"range params=40%:70% for a Pareto front; flops=, memory= and latency= may limit the "
+                            f"widths too), got {self.budget!r}")
         if self.space in ("width", "both"):
             self._validate_width()
 

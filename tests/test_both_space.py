@@ -156,10 +156,44 @@ def test_both_search_meets_the_budget_and_realizes(family, sampler, budget, tiny
         assert nonzero_params(model) == best["nonzero_params"]
 
 
+def test_a_params_range_searches_a_front_of_fitness_against_nonzero_params_saved(tiny_llama_dir, tiny_calib_file,
+                                                                                   tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "front"
+    argv = structured_search_argv("both", tiny_llama_dir, tiny_calib_file, run, "--budget", "params=40%:70%",
+                                  trials=16)
+    assert main(argv) == 0
+    frame = pd.read_parquet(run / "trials.parquet")
+    done = frame[frame.state == "COMPLETE"]
+    total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_llama_dir).parameters())
+    assert done.label.str.contains("@").sum() >= 12  # 4 seeds at 3 budget levels
+    saved = done.budget_sparsity.to_numpy()
+    np.testing.assert_allclose(saved, 1 - done.nonzero_params.to_numpy() / total)
+    assert saved.min() >= 0.3 - 1e-9 and 0.6 <= saved.max() < 0.61  # every trial meets its own level's budget
+    front = pd.read_csv(run / "pareto.csv")
+    assert len(front) >= 2
+    for _, row in front.iterrows():  # nothing measured is better on both objectives than a front point
+        assert not ((done.fitness < row.fitness - 1e-12) & (done.budget_sparsity > row.sparsity + 1e-12)).any()
+    point = front.iloc[-1]
+    config = json.loads((run / point.config).read_text())
+    assert set(config) == {"width", "sparsity", "pattern", "meta"} and config["meta"]["space"] == "both"
+    out = tmp_path / "realized"
+    assert main(["realize", "--config", str(run / point.config), "--ppl", "", "--device", "cpu", "--out",
+                 str(out)]) == 0
+    assert nonzero_params(AutoModelForCausalLM.from_pretrained(out)) == point.nonzero_params
+
+
+def test_both_search_refuses_gpt_neox_in_one_line(tiny_tokenizer, tiny_calib_file, tmp_path, capsys):
+    model_dir = saved_tiny_model(tmp_path / "gpt_neox", tiny_tokenizer, "gpt_neox")
+    out = tmp_path / "run"
+    assert_refused(_search_argv(model_dir, tiny_calib_file, out, "--budget", "params=60%"), "'gpt_neox'", out, capsys)
+
+
 @pytest.mark.parametrize("extra,message", [
-    (["--budget", "sparsity=0.5"], "--space both searches one params= budget"),
-    (["--budget", "flops=70%"], "--space both searches one params= budget"),
-    (["--budget", "params=50%:70%"], "--space both searches one params= budget"),
+    (["--budget", "sparsity=0.5"], "--space both searches a params= budget"),
+    (["--budget", "flops=70%"], "--space both searches a params= budget"),
+    (["--budget", "params=50%:70%,flops=60%:80%"], "only one limit may be a range"),
+    (["--budget", "params=60%,flops=60%:80%"], "--space both searches a params= budget"),
     (["--budget", "params=60%", "--pruner", "magnitude"], "--pruner magnitude does not apply"),
     (["--budget", "params=60%", "--pattern", "2:4"], "--pattern 2:4 does not apply"),
     (["--budget", "params=60%", "--sampler", "evo"], "--space both needs tpe, qmc or nsga2"),
