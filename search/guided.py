@@ -39,8 +39,8 @@ from predictors.metrics import cross_validate, ranking_metrics
 from predictors.model import FitnessPredictor, data_hash
 from prunesearch.files import repair_line_log
 from search.faults import counted, stop_rule
-from search.samplers import depth_waves, make_sampler, mutate, param_name, smooth_profiles
-from search.space import Space
+from search.samplers import make_sampler, param_name
+from search.screening import box, distinct_best, local, narrow, smooth_share
 
 log = logging.getLogger("prunesearch.search")
 ROUNDS_FILE = "predictor_rounds.jsonl"
@@ -70,48 +70,6 @@ class GuideConfig:
 
     def predictor(self, seed: int, members: int | None = None) -> FitnessPredictor:
         return FitnessPredictor(n_members=members or self.members, n_estimators=self.trees, random_state=seed)
-
-
-def narrow(space: Space, allocs: np.ndarray, predicted: np.ndarray, incumbent: np.ndarray,
-           quantile: float = 0.1, insensitive: float = 0.25, margin: float = 0.1, min_width: float = 0.02,
-           spread: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """New per-unit bounds (low, high): the ``spread``…1−``spread`` percentiles of the predicted best ``quantile``
-    of screened allocations, padded by ``margin`` of their width; plus each unit's sensitivity (|Spearman ρ|
-    between its sparsity and the prediction). Never excludes ``incumbent``."""
-    from scipy.stats import rankdata
-
-    k = max(2, int(np.ceil(quantile * len(predicted))))
-    top = allocs[np.argsort(predicted, kind="stable")[:k]]
-    low, high = np.quantile(top, spread, axis=0), np.quantile(top, 1.0 - spread, axis=0)
-    pad = margin * (high - low)
-    low, high = low - pad, high + pad
-    short = (high - low) < min_width
-    mid = 0.5 * (low + high)
-    low = np.where(short, mid - min_width / 2, low)
-    high = np.where(short, mid + min_width / 2, high)
-    rp = rankdata(predicted)
-    ra = np.apply_along_axis(rankdata, 0, allocs)
-    rp, ra = rp - rp.mean(), ra - ra.mean(axis=0)
-    denom = np.sqrt((ra ** 2).sum(axis=0) * (rp ** 2).sum())
-    sens = np.abs(np.divide(ra.T @ rp, denom, out=np.zeros(allocs.shape[1]), where=denom > 0))
-    flat = sens < insensitive * sens.max() if sens.max() > 0 else np.ones_like(sens, dtype=bool)
-    low = np.where(flat, space.low, low)
-    high = np.where(flat, space.high, high)
-    low = np.clip(np.minimum(low, incumbent), space.low, space.high)
-    high = np.clip(np.maximum(high, incumbent), space.low, space.high)
-    return low, high, sens
-
-
-def distinct_best(allocs: np.ndarray, score: np.ndarray, n: int, radius: float) -> list[int]:
-    """The ``n`` lowest-scoring rows, skipping any within ``radius`` (max-norm) of one already chosen: tree
-    ensembles are piecewise constant, so the best scores often tie on near-copies of one allocation."""
-    chosen: list[int] = []
-    for i in np.argsort(score, kind="stable"):
-        if len(chosen) == n:
-            break
-        if all(np.max(np.abs(allocs[i] - allocs[j])) >= radius for j in chosen):
-            chosen.append(int(i))
-    return chosen
 
 
 def _pairs(study: optuna.Study, units: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, list]:
@@ -183,17 +141,15 @@ class Guide:
                 cv = (cross_validate(cfg.predictor(r, members=1), X, y, k=3, seed=r)[0]
                       if own and len(y) >= 6 else None)
                 rng = np.random.default_rng([self.seed, r])
-                share = self._smooth_share()
+                share = smooth_share(space)
                 n_local = int((cfg.local + (1.0 - cfg.local) * share) * cfg.screen)
                 n_smooth = int(round((cfg.screen - n_local) * share))
-                screened = space.project_many(np.concatenate([
-                    rng.uniform(low, high, size=(cfg.screen - n_local - n_smooth, space.dim)),
-                    smooth_profiles(space, rng, n_smooth, low, high)]))
+                screened = box(space, rng, low, high, cfg.screen - n_local, n_smooth)
                 mean, std = model.predict(features(screened, rec, spec), return_std=True)
                 incumbent = space.sampled(allocs[int(np.argmin(y))])
                 low, high, sens = narrow(space, space.sampled(screened), mean, incumbent, cfg.quantile,
                                          cfg.insensitive, cfg.margin, cfg.min_width, cfg.spread)
-                near = self._local(rng, space.sampled(allocs[np.argsort(y)[:3]]), low, high, n_local, share > 0)
+                near = local(space, rng, space.sampled(allocs[np.argsort(y)[:3]]), low, high, n_local, share > 0)
                 n_mean, n_std = model.predict(features(near, rec, spec), return_std=True)
                 screened = np.concatenate([screened, near])
                 mean, std = np.concatenate([mean, n_mean]), np.concatenate([std, n_std])
@@ -278,35 +234,6 @@ class Guide:
             self.study.enqueue_trial({param_name(n): float(v) for n, v in zip(space.units, x)},
                                      user_attrs={"guide": "warmup"})
         self._measure_queue()
-
-    def _smooth_share(self) -> float:
-        """1 − blocks/units: none at block granularity, 6/7 for the seven projections of a LLaMA block. That share
-        of the narrowing screen is drawn as smooth depth profiles (the features see per-block depth bins, which
-        average jagged box points down to near-flat profiles), and that share of the rest of the screen becomes
-        evolution children of the best allocations (``_local``): in hundreds of dimensions a few dozen pairs
-        cannot steer box samples, but they rank small moves of the incumbent."""
-        space = self.ws.space
-        return 1.0 - len(set(space.blocks)) / space.dim
-
-    def _local(self, rng: np.random.Generator, best: np.ndarray, low: np.ndarray, high: np.ndarray, n: int,
-               evolve: bool = False) -> np.ndarray:
-        """``n`` on-budget perturbations of the best measured allocations (as sampled points): half per unit (σ = a
-        tenth of each unit's bounds), half smooth along depth (``depth_waves``, amplitude a tenth of the mean bound
-        width); with ``evolve`` the budget-neutral evolution's small moves instead (``samplers.mutate``: a depth
-        wave or a few level switches), so the predictor screens thousands of children where the evolution would
-        measure them one by one."""
-        space = self.ws.space
-        if n == 0:
-            return np.empty((0, space.dim))
-        centres = best[rng.integers(0, len(best), n)]
-        if evolve:
-            children = np.stack([mutate(space, rng, c, low=low, high=high) for c in centres])
-            return space.project_many(np.clip(children, low, high))
-        noise = rng.normal(size=centres.shape) * 0.1 * (high - low)
-        waves = depth_waves(space, rng, n, 0.1 * float(np.mean(high - low)))
-        smooth = np.arange(n) % 2 == 1
-        x = np.clip(centres + np.where(smooth[:, None], waves, noise), low, high)
-        return space.project_many(x)
 
     def _candidates(self, low: np.ndarray, high: np.ndarray, r: int, screened: np.ndarray, score: np.ndarray
                     ) -> tuple[np.ndarray, list[str]]:

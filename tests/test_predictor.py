@@ -16,7 +16,8 @@ from predictors.metrics import cross_validate, ranking_metrics, top_precision
 from predictors.model import FitnessPredictor
 from prunesearch.cli import main
 from search.engine import Workspace, run_search
-from search.guided import Guide, GuideConfig, narrow
+from search.guided import Guide, GuideConfig
+from search.screening import narrow
 from search.space import Space
 
 SPEC = make_spec(8)
