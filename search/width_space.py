@@ -43,10 +43,7 @@ class Constraint:
 
     def cost(self, kept: np.ndarray) -> float:
         """The constrained amount of an allocation (real-valued kept counts interpolate)."""
-        kept = np.asarray(kept, dtype=np.float64)
-        if self.per_unit is not None:
-            return float(self.fixed + np.dot(self.per_unit, kept))
-        return float(self.fixed + sum(np.interp(k, p, v) for k, p, v in zip(kept, self.points, self.values)))
+        return float(self.cost_many(np.asarray(kept, dtype=np.float64)[None])[0])
 
     def cost_many(self, kept: np.ndarray) -> np.ndarray:
         """The constrained amount of many allocations (rows) at once."""
@@ -146,41 +143,31 @@ class WidthSpace:
         return all(self._holds(c, kept) for c in self.constraints)
 
     def _real(self, x: np.ndarray, grow: bool = True) -> np.ndarray:
-        """Real-valued kept counts of shares ``x`` after the common shift that meets every limit (bisection);
-        without ``grow`` the shift only lowers shares that break a limit."""
-        x = np.clip(np.asarray(x, dtype=np.float64), self.low, self.high)
-
-        def real(t: float) -> np.ndarray:
-            return self.counts * np.clip(x - t, self.low, self.high)
-
-        # real(-1): every share at the upper bound; real(0): as sampled; real(1): every share at the lower bound
-        lo, hi = -1.0 if grow else 0.0, 1.0
-        if self.feasible(real(lo)):
-            return real(lo)
-        for _ in range(50):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (lo, mid) if self.feasible(real(mid)) else (mid, hi)
-        return real(hi)
-
-    def project_many(self, x: np.ndarray) -> np.ndarray:
-        """Real-valued kept counts of many sampled share vectors (rows): ``project``'s common shift that meets every
-        limit, bisected for all rows at once, without the whole-unit rounding (the guided search screens
-        thousands; its predictor reads kept shares, which rounding barely moves)."""
-        x = np.clip(np.atleast_2d(np.asarray(x, dtype=np.float64)), self.low, self.high)
+        """Real-valued kept counts of shares ``x`` (one row or many) after the common shift that meets every limit,
+        bisected for all rows at once; without ``grow`` the shift only lowers shares that break a limit."""
+        rows = np.clip(np.atleast_2d(np.asarray(x, dtype=np.float64)), self.low, self.high)
 
         def real(t: np.ndarray) -> np.ndarray:
-            return self.counts * np.clip(x - t[:, None], self.low, self.high)
+            return self.counts * np.clip(rows - t[:, None], self.low, self.high)
 
         def fits(kept: np.ndarray) -> np.ndarray:
             return np.all([c.cost_many(kept) <= c.bound + 1e-9 * abs(c.bound) for c in self.constraints], axis=0)
 
-        lo, hi = np.full(len(x), -1.0), np.ones(len(x))
-        top = fits(real(lo))
+        # a shift of -1: every share at the upper bound; 0: as sampled; 1: every share at the lower bound
+        start = np.full(len(rows), -1.0 if grow else 0.0)
+        lo, hi = start.copy(), np.ones(len(rows))
         for _ in range(50):
             mid = 0.5 * (lo + hi)
             ok = fits(real(mid))
             lo, hi = np.where(ok, lo, mid), np.where(ok, mid, hi)
-        return np.where(top[:, None], real(np.full(len(x), -1.0)), real(hi))
+        out = np.where(fits(real(start))[:, None], real(start), real(hi))
+        return out[0] if np.ndim(x) == 1 else out
+
+    def project_many(self, x: np.ndarray) -> np.ndarray:
+        """Real-valued kept counts of many sampled share vectors (rows): ``project``'s common shift, without the
+        whole-unit rounding (the guided search screens thousands; its predictor reads kept shares, which rounding
+        barely moves)."""
+        return self._real(np.atleast_2d(x))
 
     def sampled(self, kept: np.ndarray) -> np.ndarray:
         """The sampled point an allocation corresponds to: the kept share of every unit."""
