@@ -11,6 +11,8 @@
     PYTHONPATH=. python benchmarks/predictor.py [--seeds 3] [--trials 100] [--reference 300]
     PYTHONPATH=. python benchmarks/predictor.py --model smollm2-135m --granularity projection --reference 0 \
         --samplers guided,evo --data-dir ../shared/data --name=-smollm2-projection70
+    PYTHONPATH=. python benchmarks/predictor.py --model smollm2-135m --space width --budget params=84% \
+        --reference 0 --samplers guided,tpe --trials 40 --data-dir ../shared/data --name=-smollm2-width84
 
 Run folders go to --runs (re-running resumes them); curated outputs to results/benchmarks/predictor_*.
 """
@@ -28,13 +30,15 @@ import optuna
 import pandas as pd
 import torch
 
-from predictors.features import SpaceRecord, features, make_spec
+from predictors.features import features, make_spec
 from predictors.metrics import ranking_metrics
 from predictors.model import FitnessPredictor
-from search.engine import SearchSettings, Workspace, default_effort, check_run_folder, enqueue_seeds, finish, open_study, optimize
+from search.engine import SearchSettings, default_effort, check_run_folder, enqueue_seeds, finish, open_study, optimize
+from search.study import open_workspace
 from search.guided import Guide, GuideConfig
+from search.screening import smooth_share
 from search.samplers import make_sampler
-
+from search.workspace import Workspace
 
 
 def run(ws: Workspace, out: Path, sampler: str, seed: int, trials: int, guided: bool) -> pd.DataFrame:
@@ -95,7 +99,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     ap.add_argument("--fitness-samples", type=int, help="default: the search's effort for this model and device")
     ap.add_argument("--low-fidelity-samples", type=int)
-    ap.add_argument("--budget", type=float, default=0.7, help="unstructured sparsity")
+    ap.add_argument("--budget", default="0.7", help="unstructured sparsity, or a width budget such as params=84%%")
+    ap.add_argument("--space", default="sparsity", choices=["sparsity", "width"])
     ap.add_argument("--granularity", default="block", choices=["block", "projection"])
     ap.add_argument("--data-dir")
     ap.add_argument("--cache-dir", help="shared cache of ranks and the dense reference")
@@ -109,9 +114,10 @@ def main() -> None:
     given = {"seqlen": args.seqlen, "fitness_samples": args.fitness_samples,
              "low_fidelity_samples": args.low_fidelity_samples}
     effort.update({k: v for k, v in given.items() if v is not None})
-    settings = SearchSettings(model=args.model, budget=f"sparsity={args.budget}", granularity=args.granularity,
+    budget = args.budget if "=" in args.budget else f"sparsity={args.budget}"
+    settings = SearchSettings(model=args.model, budget=budget, granularity=args.granularity, space=args.space,
                               data_dir=args.data_dir, **effort)
-    ws = Workspace(settings, runs / "workspace", cache_dir=args.cache_dir)
+    ws = open_workspace(settings, runs / "workspace", cache_dir=args.cache_dir)
     ws.base_settings = settings
     frames = {}
     if args.reference:
@@ -151,9 +157,9 @@ def main() -> None:
         wall_s=("wall_s", "median"))
 
     # (b) τ vs pairs on the pooled complete trials of every run (duplicates removed)
-    spec = make_spec()
-    rec = SpaceRecord.from_workspace(ws)
-    cols = [f"s[{u}]" for u in rec.units]
+    rec = ws.space_record()
+    spec = make_spec(8, rec.space)
+    cols = rec.columns
     pool = pd.concat(frames.values())
     pool = pool[pool.state == "COMPLETE"].drop_duplicates(subset=cols)
     X, y = features(pool[cols].to_numpy(np.float64), rec, spec), pool.fitness.to_numpy(np.float64)
@@ -164,20 +170,31 @@ def main() -> None:
     pred, std = scatter_model.predict(X[test], return_std=True)
 
     space = ws.space
+    share = smooth_share(space)
+    if args.space == "sparsity":
+        what = f"{float(args.budget):.0%} unstructured, {args.granularity} granularity, Wanda scores"
+        seeds = "uniform, OWL, ATP over its slope grid"
+    else:
+        what = f"width under {budget} (key/value groups and MLP channels kept per block, FLAP importance)"
+        seeds = "uniform-width, FLAP"
     protocol = (f"Model {args.model or 'built-in (LLaMA-style, 6 blocks, hidden 128)'} ({ws.model_protocol}), "
-                f"{args.budget:.0%} unstructured, {args.granularity} granularity ({len(space.units)} units, bounds "
-                f"[{space.low:.2f}, {space.high:.2f}]), Wanda scores, fitness = KL to the dense model "
-                f"on {effort['fitness_samples']} × {ws.seqlen} held-out C4 tokens (seed 0; non-seed TPE/QMC/evo "
-                f"trials may stop at the {effort['low_fidelity_samples']}-sequence rung, guided picks are always "
-                f"measured in full), calibration {effort['nsamples']} × {ws.seqlen} C4 tokens (seed 0); CPU, "
-                f"{args.threads} torch thread(s).")
+                f"{what} ({len(space.units)} units, sampled bounds [{space.low:.2f}, {space.high:.2f}]), fitness = KL "
+                f"to the dense model on {effort['fitness_samples']} × {ws.seqlen} held-out C4 tokens (seed 0; "
+                f"non-seed TPE/QMC/evo trials may stop at the {effort['low_fidelity_samples']}-sequence rung, guided "
+                f"picks are always measured in full), calibration {effort['nsamples']} × {ws.seqlen} C4 tokens (seed "
+                f"0); CPU, {args.threads} torch thread(s).")
+    cfg = GuideConfig()
+    local = cfg.local + (1 - cfg.local) * share
     lines = ["# Accuracy predictor: real evaluations saved and ranking quality", "", protocol, "",
              f"## (a) Evaluations to reach within 1% of the reference best (KL ≤ {threshold:.5f})", "",
              f"{ref_label} {args.seeds} sampler seeds × "
              f"{args.trials} trials per sampler; median over seeds (inf = not reached within {args.trials}). "
-             "Guided = warm-up of the heuristic seeds (uniform, OWL, ATP over its slope grid) + Sobol points, then rounds of: fit an 8-member "
-             "bootstrap XGBoost ensemble, narrow bounds from 10,000 screened points, screen 32 TPE asks + the "
-             "8 best screened points by mean − 1·std, measure the best 4.", "",
+             f"Guided = warm-up of the heuristic seeds ({seeds}) + Sobol points, then rounds of: fit an "
+             f"{cfg.members}-member bootstrap XGBoost ensemble; screen {cfg.screen:,} points, {local:.0%} of them "
+             f"small moves of the three best measured allocations ({'evolution children' if share else 'per-unit noise and depth waves'}) "
+             f"and the rest random points of the bounds ({share:.0%} of those smooth depth profiles; 1 − blocks/units "
+             f"= {share:.2f} here), which narrow the bounds; add {cfg.batch} TPE asks in the narrowed bounds and the "
+             f"{cfg.screen_top} best screened points; measure the best {cfg.measure} by mean − {cfg.kappa:g}·std.", "",
              "| sampler | evaluations to 1% (median) | seeds reached | evaluations to 5% (median) | best KL @25 | "
              f"best KL @50 | best KL @{args.trials} | search wall s (median) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in med.iterrows():
