@@ -151,7 +151,10 @@ class WidthSpace:
             return self.counts * np.clip(rows - t[:, None], self.low, self.high)
 
         def fits(kept: np.ndarray) -> np.ndarray:
-            return np.all([c.cost_many(kept) <= c.bound + 1e-9 * abs(c.bound) for c in self.constraints], axis=0)
+            ok = np.ones(len(kept), dtype=bool)  # a space without limits (--space both's free widths) fits anywhere
+            for c in self.constraints:
+                ok &= c.cost_many(kept) <= c.bound + 1e-9 * abs(c.bound)
+            return ok
 
         # a shift of -1: every share at the upper bound; 0: as sampled; 1: every share at the lower bound
         start = np.full(len(rows), -1.0 if grow else 0.0)
