@@ -13,7 +13,8 @@ After a warm-up of measured allocations (the heuristic seeds plus scrambled-Sobo
 3. asks ``batch`` candidates of the run's Optuna sampler in the narrowed space (on a throw-away copy of the
    study) plus the ``screen_top`` best screened points, and scores all by the lower confidence bound
    mean − κ·std (fitness is minimized);
-4. enqueues only the best ``measure`` for real measurement (full fidelity: the predictor is the pruner here).
+4. enqueues only the best ``measure`` for real measurement (full fidelity: the predictor is the pruner here),
+   never one whose allocation was measured already (on a level grid many candidates round to one).
 
 Only measured candidates enter the study. Each round appends its bounds, predictor metrics (3-fold CV of a
 single member, and the prospective τ of everything predicted before it was measured) and screening counts to
@@ -39,7 +40,7 @@ from predictors.metrics import cross_validate, ranking_metrics
 from predictors.model import FitnessPredictor, data_hash
 from prunesearch.files import repair_line_log
 from search.faults import counted, stop_rule
-from search.samplers import make_sampler, param_name
+from search.samplers import allocation_key, make_sampler, param_name
 from search.screening import box, distinct_best, local, narrow, smooth_share
 
 log = logging.getLogger("prunesearch.search")
@@ -156,9 +157,13 @@ class Guide:
                 xs, sources = self._candidates(low, high, r, space.sampled(screened), mean - cfg.kappa * std)
                 cand = np.array([ws.allocation(x) for x in xs])
                 c_mean, c_std = model.predict(features(cand, rec, spec), return_std=True)
-                lcb = c_mean - cfg.kappa * c_std
+                # an allocation measured already would only reuse its fitness: never pick it again
+                known = {allocation_key(a) for a in allocs}
+                repeat = np.array([allocation_key(c) in known for c in cand])
+                lcb = np.where(repeat, np.inf, c_mean - cfg.kappa * c_std)
                 n = min(cfg.measure, self._left())
-                chosen = distinct_best(space.sampled(cand), lcb, n, cfg.min_width / 2)
+                chosen = [i for i in distinct_best(space.sampled(cand), lcb, n, cfg.min_width / 2)
+                          if np.isfinite(lcb[i])]
                 for i in chosen:
                     study.enqueue_trial({param_name(u): float(v) for u, v in zip(units, xs[i])},
                                         user_attrs={"guide": f"round-{r}/{sources[i]}", "predicted": float(c_mean[i]),
@@ -177,7 +182,7 @@ class Guide:
                                  "sampler_candidates": int(sum(
                         s == ws.settings.sampler for s in sources)), "screen_candidates": int(sum(
                             s == "screen" for s in sources)), "measured": len(chosen),
-                        "screened_out": int(len(xs) - len(chosen))},
+                        "screened_out": int(len(xs) - len(chosen)), "already_measured": int(repeat.sum())},
                     "chosen": [{"source": sources[i], "predicted": float(c_mean[i]), "std": float(c_std[i])}
                                for i in chosen],
                 }
@@ -186,7 +191,7 @@ class Guide:
                 with open(rounds_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 rounds.append(record)
-                self._measure_queue()
+                self._measure_queue(fallback=0 if chosen else 1)  # nothing new screened: one sampler trial
             self._save_final(rec, spec)
         finally:
             self.bar.close()

@@ -86,6 +86,7 @@ def test_guided_width_search_measures_picks_on_the_budget_and_retrains(tiny_llam
         assert (r["screened"]["local_samples"], r["screened"]["smooth_samples"]) == (375, 62)
     guided = frame[frame.guide.fillna("").str.startswith("round-")]
     assert len(guided) == 6 and (guided.state == "COMPLETE").all()
+    assert guided.duplicate_of.isna().all()  # a pick that rounds to a measured allocation is never enqueued
     rec = load_record(run / "space.json")
     budget = rec.budget_params
     _model, _geom, s, _total = tiny_width_model()
