@@ -47,7 +47,7 @@ def main() -> None:
     settings = SearchSettings(**json.loads((run / "run_config.json").read_text()))
     ws = open_workspace(settings, Path(args.out) / f".proxy_gap-{args.name}",
                         cache_dir=args.cache_dir and Path(args.cache_dir))
-    allocs = dict(ws.seeds())
+    allocs = {label: ws.allocation(x) for label, x in ws.seeds().items()}  # e.g. snapped to a level grid
     allocs.update(best_allocations(run, 1, ws.space.units))
     for spec in args.best:
         path, _, k = spec.partition(":")
