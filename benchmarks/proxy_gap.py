@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pruners.methods import get_method
 from search.engine import SearchSettings
 from search.study import open_workspace
 
@@ -79,11 +80,14 @@ def write(rows: dict, args, settings: SearchSettings, realized_with: str) -> Non
     out = Path(args.out)
     (out / f"proxy_gap-{args.name}.json").write_text(json.dumps({"settings": settings.__dict__, "rows": rows,
                                                                  "report": report}, indent=1, default=str))
+    levels = get_method(settings.pruner).realizer == "levels"
+    how = ("stitched from the level database: every projection pruned at each level from the dense model's inputs"
+           if levels else "masks from the dense model's cached ranks")
     lines = [f"# The search's fitness against the realized model ({args.name})", "",
-             f"Model {settings.model}, {settings.budget}, {settings.pruner} ranks, {settings.granularity} "
-             f"granularity. Search KL: KL to the dense model on the search's {settings.fitness_samples} held-out C4 "
-             f"sequences of {settings.seqlen} tokens, candidates realized as the search does (masks from the dense "
-             f"model's cached ranks). Realized KL: the same tokens after pruning for real ({realized_with}, "
+             f"Model {settings.model}, {settings.budget}, {settings.pruner} {'level database' if levels else 'ranks'}"
+             f", {settings.granularity} granularity. Search KL: KL to the dense model on the search's "
+             f"{settings.fitness_samples} held-out C4 sequences of {settings.seqlen} tokens, candidates realized as "
+             f"the search does ({how}). Realized KL: the same tokens after pruning for real ({realized_with}, "
              f"as `prunesearch realize` does). Report columns: WikiText-2 test KL and PPL of the "
              f"realized model from `{args.quality}` (first windows as stated there).", "",
              "| allocation | search KL | realized KL | gap | WikiText-2 KL | WikiText-2 PPL |", "|---|---|---|---|---|---|"]
