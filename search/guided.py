@@ -10,6 +10,8 @@ After a warm-up of measured allocations (the heuristic seeds plus scrambled-Sobo
    back to the full range and always keeping the incumbent best inside; a ``local`` share of the ``screen``
    points (default a quarter) are perturbations of the best measured allocations inside the new bounds, half of
    them smooth depth waves (random box points almost never have the smooth depth profile real models want);
+   with several units per block that share grows by 1 − blocks/units of the rest and the perturbations are the
+   evolution's own moves (``search.screening``);
 3. asks ``batch`` candidates of the run's Optuna sampler in the narrowed space (on a throw-away copy of the
    study) plus the ``screen_top`` best screened points, and scores all by the lower confidence bound
    mean − κ·std (fitness is minimized);
