@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--level-step", type=float, default=0.025, help="sparsegpt level grid step")
     ap.add_argument("--granularity", default="block", choices=["block", "projection"])
+    ap.add_argument("--stats-inputs", default="dense", choices=["dense", "pruned"],
+                    help="the ranks' / level database's statistics from dense inputs or through pruned blocks")
     ap.add_argument("--report", default="wikitext2", help="report datasets ('' for none)")
     ap.add_argument("--report-limit", type=int, default=0, help="windows per report dataset (0: the whole stream)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -76,7 +78,8 @@ def main() -> None:
     effort = default_effort(args.model is None, args.device)
     samplers = args.samplers.split(",")
     summary: dict = {"protocol": {"model": args.model or "built-in", "pruner": args.pruner, "trials": args.trials,
-                                  "granularity": args.granularity, "effort": effort, "device": args.device,
+                                  "granularity": args.granularity, "stats_inputs": args.stats_inputs,
+                                  "effort": effort, "device": args.device,
                                   "host": platform.node(), "threads": torch.get_num_threads(),
                                   "report": args.report, "report_windows": args.report_limit or "all"}}
     curves = []
@@ -84,7 +87,8 @@ def main() -> None:
         for sampler in samplers:
             settings = SearchSettings(model=args.model, budget=f"sparsity={budget}", pruner=args.pruner,
                                       sampler="tpe" if sampler == "guided" else sampler, data_dir=args.data_dir,
-                                      granularity=args.granularity, level_step=args.level_step, **effort)
+                                      granularity=args.granularity, level_step=args.level_step,
+                                      stats_inputs=args.stats_inputs, **effort)
             run = Path(args.runs) / f"{args.name or 'builtin'}-{args.pruner}-s{budget:g}-{sampler}"
             report = args.report if sampler == samplers[0] else ""
             s, wall = search(settings, run, sampler, argparse.Namespace(**{**vars(args), "report": report}))
@@ -123,6 +127,8 @@ def markdown(summary: dict, args, samplers: list[str], curves: pd.DataFrame, eff
     data = args.report.split(",")[0] if args.report else None
     windows = f"the first {args.report_limit} windows" if args.report_limit else "the full stream"
     realized_from = "level database" if get_method(args.pruner).realizer == "levels" else "ranks"
+    realized_from += (" (statistics through blocks pruned at the budget)" if args.stats_inputs == "pruned"
+                      else " (statistics from dense inputs)")
     lines = ["# Allocation search vs heuristic allocations", "",
              f"Model {args.model or 'built-in'}, {args.pruner} {realized_from}, "
              f"unstructured, {args.granularity} granularity, {args.trials} trials per run, device {args.device}. "

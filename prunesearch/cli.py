@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a level database (default: wanda)")
     p.add_argument("--level-step", type=float, default=0.025,
                    help="sparsegpt only: sparsity step of the level grid on an average-size unit (default: 0.025)")
+    p.add_argument("--stats-inputs", default="dense", choices=["dense", "pruned"],
+                   help="where the pruner's statistics for the search's ranks or level database come from: the "
+                        "dense model's inputs to every block (default), or inputs through the earlier blocks pruned "
+                        "uniformly at the budget, as the sequential pruner that realizes the result sees them")
     p.add_argument("--fitness", default="kl", choices=["kl", "ppl"], help="KL to the dense model (default) or "
                                                                          "perplexity, on held-out C4 tokens")
     p.add_argument("--min-sparsity", type=float, help="lower bound per unit (default: budget - 0.35)")

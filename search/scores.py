@@ -1,9 +1,11 @@
 """Scores computed once, candidates realized in milliseconds.
 
 For a score-based pruner (magnitude, Wanda, GBLM) the mask at any sparsity is a threshold on a fixed ranking, so the
-search ranks every weight once (on the dense model's calibration inputs, as EvoPress's database uses dense
-upstream inputs) and a candidate becomes ``W_dense · (rank ≥ k)`` per projection plus one forward pass. The
-same walk records OWL's per-block outlier ratios from the Wanda statistics.
+search ranks every weight once and a candidate becomes ``W_dense · (rank ≥ k)`` per projection plus one forward
+pass. Where the ranks' statistics come from is the ``prefix`` choice: the dense model's calibration inputs (as
+EvoPress's database uses dense upstream inputs), or inputs propagated through blocks already pruned uniformly at
+the budget — what the sequential pruner that realizes the result sees, up to the allocation of the earlier blocks.
+OWL's per-block outlier ratios always come from the dense model, as OWL defines them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,28 @@ def _ranks(score: torch.Tensor, per_row: bool, m: int) -> torch.Tensor:
     return ranks.reshape(score.shape)
 
 
+def outlier_ratio(metrics: list[torch.Tensor], owl_m: float = 5.0) -> float:
+    """OWL's layerwise outlier distribution of one block: % of Wanda metrics above ``owl_m`` × their mean."""
+    metric = torch.cat([m.flatten() for m in metrics])
+    return 100.0 * (metric > owl_m * metric.mean()).float().mean().item()
+
+
+@torch.no_grad()
+def dense_outlier_ratios(model: nn.Module, lay: ModelLayout, calib_ids: torch.Tensor, device: str = "cpu",
+                         batch_size: int = 8) -> list[float]:
+    """OWL's outlier ratio of every block from the dense model's calibration inputs (one walk, nothing pruned)."""
+    wanda, ratios = make_pruner("wanda"), []
+
+    def visit(i: int, block: nn.Module, batches) -> None:
+        with collect_stats(lay.projections[i], full=False) as stats:
+            run_block(block, batches)
+        ratios.append(outlier_ratio([wanda.score(get_weight(m).float(), stats[n])
+                                     for n, m in lay.projections[i].items()]))
+
+    walk(model, calib_ids, visit, device=device, batch_size=batch_size)
+    return ratios
+
+
 class ScoreCache:
     """Per-projection weight ranks under one pruner and pattern, plus OWL outlier ratios per block."""
 
@@ -42,14 +66,14 @@ class ScoreCache:
     @classmethod
     @torch.no_grad()
     def build(cls, model: nn.Module, lay: ModelLayout, method: str, m: int, calib_ids: torch.Tensor,
-              device: str = "cpu", batch_size: int = 8, owl_m: float = 5.0) -> ScoreCache:
-        """Walk the dense model once: Wanda statistics (and the pruner's extra statistics, e.g. GBLM's gradient
-        norms) per projection → scores, ranks and outlier ratios."""
+              device: str = "cpu", batch_size: int = 8, prefix: float | None = None) -> ScoreCache:
+        """Walk the model once: Wanda statistics (and the pruner's extra statistics, e.g. GBLM's gradient norms)
+        per projection → scores and ranks. With ``prefix`` a sparsity, each block is pruned at it from its ranks
+        before its outputs feed the next block (the model's weights are dense again afterwards)."""
         pruner, wanda = make_pruner(method), make_pruner("wanda")
-        per_row = get_method(method).selection == "row"
-        ranks: dict[str, torch.Tensor] = {}
-        outliers: list[float] = []
+        cache = cls({}, get_method(method).selection == "row", m, [])
         extra = extra_stats(pruner, model, calib_ids, device)
+        dense: dict[str, torch.Tensor] = {}
 
         def visit(i: int, block: nn.Module, batches) -> None:
             with collect_stats(lay.projections[i], full=False, extra=extra) as stats:
@@ -57,14 +81,21 @@ class ScoreCache:
             metrics = []
             for name, module in lay.projections[i].items():
                 w = get_weight(module).float()
-                metric = wanda.score(w, stats[name])
-                metrics.append(metric.flatten())
-                ranks[name] = _ranks(pruner.score(w, stats[name]), per_row, m).cpu()
-            metric = torch.cat(metrics)
-            outliers.append(100.0 * (metric > owl_m * metric.mean()).float().mean().item())
+                metrics.append(wanda.score(w, stats[name]))
+                cache.ranks[name] = _ranks(pruner.score(w, stats[name]), cache.per_row, m).cpu()
+                if prefix:
+                    dense[name] = get_weight(module).clone()
+                    set_weight(module, dense[name].masked_fill(cache.mask(name, prefix).to(w.device), 0))
+            cache.outlier_ratio.append(outlier_ratio(metrics))
 
-        walk(model, calib_ids, visit, device=device, batch_size=batch_size)
-        return cls(ranks, per_row, m, outliers)
+        try:
+            walk(model, calib_ids, visit, device=device, batch_size=batch_size)
+        finally:
+            for name, w in dense.items():
+                set_weight(lay.projections[lay.block_of(name)][name], w)
+        if prefix:
+            cache.outlier_ratio = dense_outlier_ratios(model, lay, calib_ids, device, batch_size)
+        return cache
 
     def save(self, path) -> None:
         tensors = {name: r.contiguous() for name, r in self.ranks.items()}  # Conv1D ranks are transposed views

@@ -16,6 +16,9 @@ LEVEL_PARAM = "budget_level"  # a multi-objective trial's budget: level k of RAN
 RANGE_LEVELS = 20
 PRUNERS = tuple(names(searchable=True))
 SPACES = ("sparsity", "width", "both")
+# Where the pruner's statistics for the search's ranks or level database come from: the dense model's inputs to
+# every block, or inputs through the earlier blocks pruned uniformly at the budget (as realizing sees them).
+STATS_INPUTS = ("dense", "pruned")
 # Default per-unit bounds: budget ± BOUND_WIDTH, inside [0, 0.99]. The best allocations of a real model span wide:
 # SmolLM2-135M at 70% wants ~0.4 in the first blocks and ~0.9 in the last (a ± 0.2 box cut that optimum off).
 BOUND_WIDTH = 0.35
@@ -61,6 +64,7 @@ class SearchSettings:
     space: str = "sparsity"
     width_score: str = "flap"
     latency_table: str | None = None  # a latency= budget's table (pruners.width.latency JSON); None: measure here
+    stats_inputs: str = "dense"
 
     @property
     def multi_objective(self) -> bool:
@@ -81,6 +85,8 @@ class SearchSettings:
             why = (f" ({self.pruner} cannot be searched; search with one of these and realize the result with "
                    f"--method {self.pruner})" if self.pruner in METHODS else "")
             raise UserError(f"search pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}{why}")
+        if self.stats_inputs not in STATS_INPUTS:
+            raise UserError(f"--stats-inputs must be one of {', '.join(STATS_INPUTS)}, got {self.stats_inputs!r}")
         if not 0 < self.level_step < 1:
             raise UserError(f"level step must be in (0, 1), got {self.level_step}")
         from search.fitness import KINDS
@@ -129,8 +135,10 @@ class SearchSettings:
         if self.pruner != "wanda":
             raise UserError(f"--space {self.space} scores heads and channels with --width-score; --pruner "
                             f"{self.pruner} does not apply")
-        if self.granularity != "block" or self.min_sparsity is not None or self.max_sparsity is not None:
-            raise UserError("--granularity, --min-sparsity and --max-sparsity apply to the sparsity space only")
+        if (self.granularity != "block" or self.min_sparsity is not None or self.max_sparsity is not None
+                or self.stats_inputs != "dense"):
+            raise UserError("--granularity, --min-sparsity, --max-sparsity and --stats-inputs apply to the sparsity "
+                            "space only")
         if self.sampler == "evo":
             raise UserError(f"the evolutionary sampler moves sparsity levels; --space {self.space} needs tpe, qmc or "
                             "nsga2")

@@ -86,12 +86,13 @@ class Workspace:
     def _score_cache(self, device: str, batch_size: int) -> ScoreCache:
         """The pruner's ranks of every weight of the dense model, cached per calibration protocol."""
         settings = self.settings
-        key = settings.key("model", "pruner", "pattern", "calib", "nsamples", "seqlen", "seed", "data_dir")
+        key = settings.key("model", "pruner", "pattern", "calib", "nsamples", "seqlen", "seed", "data_dir",
+                           "stats_inputs", *(("budget",) if settings.stats_inputs == "pruned" else ()))
 
         def build() -> ScoreCache:
             t = time.perf_counter()
             scores = ScoreCache.build(self.model, self.lay, settings.pruner, self.m, self.calibration_ids(),
-                                      device, batch_size)
+                                      device, batch_size, self.stats_prefix())
             log.info("ranked all weights in %.1fs", time.perf_counter() - t)
             return scores
 
@@ -109,7 +110,7 @@ class Workspace:
         """Load or build the SparseGPT level database of this space (levels on the grid ``allocation`` snaps to)."""
         s = self.settings
         key = s.key("model", "pattern", "calib", "nsamples", "seqlen", "seed", "data_dir", "budget", "granularity",
-                    "min_sparsity", "max_sparsity", "level_step")
+                    "min_sparsity", "max_sparsity", "level_step", "stats_inputs")
         return load_or_build(cache / f"levels-{key}", LevelDatabase, lambda: self._build_levels(device, batch_size),
                              lambda db, tmp: db.move(tmp), "SparseGPT level database")
 
@@ -126,10 +127,18 @@ class Workspace:
         t = time.perf_counter()
         folder = Path(tempfile.mkdtemp(prefix=".levels-building-", dir=self.cache)) / "db"
         db = LevelDatabase.build(self.model, self.lay, levels, self.m, self.calibration_ids(), folder, device,
-                                 batch_size)
+                                 batch_size, prefix=self.stats_prefix())
         log.info("built the SparseGPT level database (%d levels per unit at most) in %.1fs",
                  max(map(len, unit_levels)), time.perf_counter() - t)
         return db
+
+    def stats_prefix(self) -> float | None:
+        """With ``--stats-inputs pruned``, the sparsity every earlier block is pruned at while the statistics are
+        gathered: the budget (the middle of a range), on the N:M grid; None for dense inputs."""
+        if self.settings.stats_inputs == "dense":
+            return None
+        target = sum(self.target_range) / 2
+        return round(target * self.m) / self.m if self.m else target
 
     def space_at(self, target: float | None) -> Space:
         """The space whose budget is ``target`` (a multi-objective trial's own budget); the run's space for None."""

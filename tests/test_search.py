@@ -287,3 +287,33 @@ def test_an_allocation_measured_before_is_reused_not_remeasured(tiny_llama_dir, 
     fresh = frame[frame.state.isin(["COMPLETE", "PRUNED"]) & frame.duplicate_of.isna()]
     assert len(fresh) >= 29
     assert not fresh[[f"s[{i}]" for i in range(4)]].round(9).duplicated().any()
+
+
+@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
+def test_statistics_through_pruned_blocks_make_the_uniform_candidate_the_sequential_one_shot_model(
+        pruner, tiny_llama_dir, tiny_calib_file, tmp_path):
+    """--stats-inputs pruned: the ranks (or level database) come from inputs through earlier blocks pruned at the
+    budget, so the uniform candidate is exactly what ``prune`` makes; OWL's ratios still come from the dense model."""
+    from pruners.oneshot import make_pruner, prune_model
+
+    kw = {"level_step": 0.1} if pruner == "sparsegpt" else {}
+    dense_ws = Workspace(search_settings(tiny_llama_dir, tiny_calib_file, pruner=pruner, **kw), tmp_path / "d")
+    ws = Workspace(search_settings(tiny_llama_dir, tiny_calib_file, pruner=pruner, stats_inputs="pruned", **kw),
+                   tmp_path / "p")
+    assert ws.scores.outlier_ratio == pytest.approx(dense_ws.scores.outlier_ratio, rel=1e-6)
+    for name, module in ws.realizer.modules.items():  # the build left the model dense
+        assert torch.equal(module.weight, dense_ws.realizer.modules[name].weight)
+
+    uniform = np.full(4, 0.6)
+    targets = {n: Target(v) for n, v in ws.space.to_targets(uniform).items()}
+    searched = {}
+    for label, w in (("dense", dense_ws), ("pruned", ws)):
+        w.realize(uniform)
+        searched[label] = {n: m.weight.detach().clone() for n, m in w.realizer.modules.items()}
+    ws.reset()
+    prune_model(ws.model, make_pruner(pruner), targets, ws.calibration_ids())
+    sequential = {n: m.weight.detach() for n, m in ws.realizer.modules.items()}
+    for name in sequential:
+        torch.testing.assert_close(searched["pruned"][name], sequential[name], rtol=0, atol=0)
+    late = ws.lay.projections[3]  # from dense inputs, the last block's candidate is not the sequential one
+    assert any(not torch.equal(searched["dense"][n], sequential[n]) for n in late)
