@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--level-step", type=float, default=0.025, help="sparsegpt level grid step")
     ap.add_argument("--granularity", default="block", choices=["block", "projection"])
+    ap.add_argument("--fitness-data", default="c4", choices=["c4", "wikitext2", "ptb"],
+                    help="held-out text of the search's fitness (wikitext2/ptb: their validation split)")
     ap.add_argument("--stats-inputs", default="dense", choices=["dense", "pruned"],
                     help="the ranks' / level database's statistics from dense inputs or through pruned blocks")
     ap.add_argument("--report", default="wikitext2", help="report datasets ('' for none)")
@@ -79,6 +81,7 @@ def main() -> None:
     samplers = args.samplers.split(",")
     summary: dict = {"protocol": {"model": args.model or "built-in", "pruner": args.pruner, "trials": args.trials,
                                   "granularity": args.granularity, "stats_inputs": args.stats_inputs,
+                                  "fitness_data": args.fitness_data,
                                   "effort": effort, "device": args.device,
                                   "host": platform.node(), "threads": torch.get_num_threads(),
                                   "report": args.report, "report_windows": args.report_limit or "all"}}
@@ -88,7 +91,7 @@ def main() -> None:
             settings = SearchSettings(model=args.model, budget=f"sparsity={budget}", pruner=args.pruner,
                                       sampler="tpe" if sampler == "guided" else sampler, data_dir=args.data_dir,
                                       granularity=args.granularity, level_step=args.level_step,
-                                      stats_inputs=args.stats_inputs, **effort)
+                                      stats_inputs=args.stats_inputs, fitness_data=args.fitness_data, **effort)
             run = Path(args.runs) / f"{args.name or 'builtin'}-{args.pruner}-s{budget:g}-{sampler}"
             report = args.report if sampler == samplers[0] else ""
             s, wall = search(settings, run, sampler, argparse.Namespace(**{**vars(args), "report": report}))
@@ -126,14 +129,16 @@ def markdown(summary: dict, args, samplers: list[str], curves: pd.DataFrame, eff
     first = samplers[0]
     data = args.report.split(",")[0] if args.report else None
     windows = f"the first {args.report_limit} windows" if args.report_limit else "the full stream"
+    fitness_text, fitness_where = (("C4", "docs 900-949 of the bundled sample") if args.fitness_data == "c4" else
+                                   (args.fitness_data, "its validation split"))
     realized_from = "level database" if get_method(args.pruner).realizer == "levels" else "ranks"
     realized_from += (" (statistics through blocks pruned at the budget)" if args.stats_inputs == "pruned"
                       else " (statistics from dense inputs)")
     lines = ["# Allocation search vs heuristic allocations", "",
              f"Model {args.model or 'built-in'}, {args.pruner} {realized_from}, "
              f"unstructured, {args.granularity} granularity, {args.trials} trials per run, device {args.device}. "
-             f"Search fitness: KL to the dense model on {effort['fitness_samples']} held-out C4 sequences of "
-             f"{effort.get('seqlen', 256)} tokens (docs 900-949 of the bundled sample; the first "
+             f"Search fitness: KL to the dense model on {effort['fitness_samples']} held-out {fitness_text} "
+             f"sequences of {effort.get('seqlen', 256)} tokens ({fitness_where}; the first "
              f"{effort['low_fidelity_samples']} are the early-stopping rung), calibration {effort['nsamples']} C4 "
              f"sequences (seed 0). Report: {data} test perplexity and KL to dense on {windows} at the same seqlen, "
              f"each allocation realized with the sequential one-shot {args.pruner}; the search never saw that data. "

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the pruner's statistics for the search's ranks or level database come from: the "
                         "dense model's inputs to every block (default), or inputs through the earlier blocks pruned "
                         "uniformly at the budget, as the sequential pruner that realizes the result sees them")
+    p.add_argument("--fitness-data", default="c4", choices=["c4", "wikitext2", "ptb"],
+                   help="held-out text the fitness is measured on: C4 documents kept apart from calibration and "
+                        "reports (default), or the validation split of WikiText-2 / PTB (never their test split): "
+                        "the domain the allocation is chosen for")
     p.add_argument("--fitness", default="kl", choices=["kl", "ppl"], help="KL to the dense model (default) or "
                                                                          "perplexity, on held-out C4 tokens")
     p.add_argument("--min-sparsity", type=float, help="lower bound per unit (default: budget - 0.35)")

@@ -225,7 +225,8 @@ def _c4(role: str, data_dir: Path | None) -> tuple[_Plan | None, str]:
 
 
 def _wikitext2_or_ptb(name: str, role: str, data_dir: Path | None) -> tuple[_Plan | None, str]:
-    """WikiText-2 raw / PTB: test split for evaluation; train split (validation offline) for calibration."""
+    """WikiText-2 raw / PTB: test split for evaluation; train split (validation offline) for calibration; the
+    validation split for held-out search fitness (never the test split a report reads)."""
     evaluation = role == "evaluation"
     # The reference joins WikiText-2 test rows with "\n\n", PTB sentences and all training text with " ".
     joiner = "\n\n" if evaluation and name == "wikitext2" else " "
@@ -238,7 +239,7 @@ def _wikitext2_or_ptb(name: str, role: str, data_dir: Path | None) -> tuple[_Pla
             record["text"] = "the file (test rows joined with '\\n\\n'), CRLF read as LF"
             return _Plan(record, _file_key(path), lambda: [_read_text(path)], ""), ""
         record["text"] = "stripped lines joined with ' '" if name == "ptb" else "lines joined with ' '"
-        if not evaluation:
+        if role == "calibration":
             record["note"] = "the reference calibrates on the train split, which is not available offline"
         strip = name == "ptb"
         return _Plan(record, _file_key(path),
@@ -246,7 +247,7 @@ def _wikitext2_or_ptb(name: str, role: str, data_dir: Path | None) -> tuple[_Pla
     if hub_reachable():
         dataset, config = HUB_WIKITEXT2 if name == "wikitext2" else HUB_PTB
         field = "text" if name == "wikitext2" else "sentence"
-        split = "test" if evaluation else "train"
+        split = {"evaluation": "test", "calibration": "train", "heldout": "validation"}[role]
         record = {"dataset": name, "role": role, "origin": "hub", "hub": f"{dataset}/{config}", "split": split,
                   "text": f"field '{field}' joined with {joiner!r}"}
         return _Plan(record, f"hub:{dataset}:{config}:{split}", _hub(dataset, config, split, field), joiner), ""
@@ -255,7 +256,8 @@ def _wikitext2_or_ptb(name: str, role: str, data_dir: Path | None) -> tuple[_Pla
                   "split": "test", "text": "test rows joined with '\\n\\n'"}
         return _Plan(record, _file_key(BUNDLED_WIKITEXT2_TEST), lambda: [_read_text(BUNDLED_WIKITEXT2_TEST)],
                      ""), ""
-    what = "test split" if evaluation else "train or validation split (for calibration)"
+    what = {"evaluation": "test split", "calibration": "train or validation split (for calibration)",
+            "heldout": "validation split (for search fitness)"}[role]
     return None, f"the bundled corpus has no {name} {what}"
 
 
@@ -268,8 +270,6 @@ def _resolve(source: str, role: str, data_dir: str | Path | None) -> _Plan:
         if path.suffix in (".txt", ".jsonl") or path.exists() or os.sep in source:
             return _local_file(path, role)
         raise UserError(f"unknown dataset {source!r}; give c4, wikitext2, ptb, or a path to a .txt or .jsonl file")
-    if role == "heldout" and source != "c4":
-        raise ValueError(f"held-out fitness data comes from c4 only, got {source!r}")
     folder = resolve_data_dir(data_dir)
     plan, why = _c4(role, folder) if source == "c4" else _wikitext2_or_ptb(source, role, folder)
     if plan is not None:
@@ -469,11 +469,14 @@ def eval_ids(tokenizer: PreTrainedTokenizerBase, name: str, data_dir: str | Path
 
 
 def heldout_ids(tokenizer: PreTrainedTokenizerBase, nsamples: int, seqlen: int, seed: int = 0,
-                data_dir: str | Path | None = None) -> torch.LongTensor:
-    """Random C4 windows from documents never used for calibration: the search's fitness and KL data."""
+                data_dir: str | Path | None = None, source: str = "c4") -> torch.LongTensor:
+    """Random windows of held-out text, the search's fitness and KL data: C4 documents never used for calibration
+    or reports, or the validation split of WikiText-2 / PTB (never their test split)."""
     _check_sizes(nsamples, seqlen)
-    plan = _resolve("c4", "heldout", data_dir)
-    return _windows_from_documents(_DocumentIds(tokenizer, plan), nsamples, seqlen, seed, _what(plan))
+    plan = _resolve(source, "heldout", data_dir)
+    if plan.joiner is None:
+        return _windows_from_documents(_DocumentIds(tokenizer, plan), nsamples, seqlen, seed, _what(plan))
+    return _windows_from_stream(_stream_ids(tokenizer, plan), nsamples, seqlen, seed, _what(plan))
 
 
 def bundled_c4_documents() -> list[str]:

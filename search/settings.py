@@ -65,6 +65,7 @@ class SearchSettings:
     width_score: str = "flap"
     latency_table: str | None = None  # a latency= budget's table (pruners.width.latency JSON); None: measure here
     stats_inputs: str = "dense"
+    fitness_data: str = "c4"  # the held-out text of the fitness: C4 documents, or a WikiText-2 / PTB validation split
 
     @property
     def multi_objective(self) -> bool:
@@ -87,6 +88,10 @@ class SearchSettings:
             raise UserError(f"search pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}{why}")
         if self.stats_inputs not in STATS_INPUTS:
             raise UserError(f"--stats-inputs must be one of {', '.join(STATS_INPUTS)}, got {self.stats_inputs!r}")
+        from prunesearch.data import NAMES
+
+        if self.fitness_data not in NAMES:
+            raise UserError(f"--fitness-data must be one of {', '.join(NAMES)}, got {self.fitness_data!r}")
         if not 0 < self.level_step < 1:
             raise UserError(f"level step must be in (0, 1), got {self.level_step}")
         from search.fitness import KINDS

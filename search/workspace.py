@@ -46,12 +46,13 @@ class Workspace:
         self._prepare_space(device, batch_size)
         cache.mkdir(parents=True, exist_ok=True)
         self.calib_protocol = data.describe(settings.calib, settings.data_dir)
-        self.heldout_protocol = data.describe("c4", settings.data_dir)
+        self.heldout_protocol = data.describe(settings.fitness_data, settings.data_dir, "heldout")
         self._prepare_realizer(device, batch_size)
 
         self.heldout = data.heldout_ids(self.tokenizer, settings.fitness_samples, self.seqlen, settings.seed,
-                                        settings.data_dir)
-        ref_key = settings.key("model", "fitness_samples", "seqlen", "seed", "data_dir")
+                                        settings.data_dir, settings.fitness_data)
+        ref_key = settings.key("model", "fitness_samples", "seqlen", "seed", "data_dir",
+                               *(("fitness_data",) if settings.fitness_data != "c4" else ()))
         self.fitness = make_fitness(settings.fitness, self.model, self.heldout, batch_size,
                                     cache / f"reference-{ref_key}.safetensors")
 

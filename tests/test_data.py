@@ -303,3 +303,17 @@ def test_hub_probe_is_skipped_offline_and_done_once(monkeypatch):
         assert probes == [(("huggingface.co", 443),)]
     finally:
         data._probe_hub.cache_clear()
+
+
+def test_search_fitness_on_a_validation_split_never_the_test_split(tiny_tokenizer, data_dir, tmp_path):
+    """--fitness-data wikitext2 / ptb: the windows come from the validation split (the test split is report data);
+    without a validation file offline the refusal names the split."""
+    for name, path, strip in (("wikitext2", "wikitext2_raw/voltagepark/wikitext2_validation.txt", False),
+                              ("ptb", "ptb/ptb.valid.txt", True)):
+        lines = (data_dir / path).read_text().splitlines()
+        valid = encode(tiny_tokenizer, " ".join(line.strip() if strip else line for line in lines if line.strip()))
+        held = data.heldout_ids(tiny_tokenizer, 5, 20, seed=3, data_dir=data_dir, source=name)
+        assert held.shape == (5, 20) and all(contains(valid, w) for w in held)
+        assert data.describe(name, data_dir, role="heldout")["split"] == "validation"
+    with pytest.raises(UserError, match="no wikitext2 validation split"):
+        data.heldout_ids(tiny_tokenizer, 2, 8, data_dir=tmp_path, source="wikitext2")

@@ -49,7 +49,7 @@ def cmd_search(args) -> int:
         min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, calib=args.calib, seed=args.seed,
         data_dir=args.data_dir, level_step=args.level_step, space=args.space,
         width_score=args.width_score or "flap", latency_table=args.latency_table, stats_inputs=args.stats_inputs,
-        **effort,
+        fitness_data=args.fitness_data, **effort,
     )
     time_budget = parse_duration(args.time_budget) if args.time_budget else None
     out = Path(args.out)
