@@ -25,6 +25,7 @@ import torch
 
 from pruners.methods import get_method, names
 from search.engine import SearchSettings, default_effort, run_search
+from search.settings import DEFAULT_STATS_INPUTS
 from search.guided import Guide, GuideConfig
 
 
@@ -63,8 +64,9 @@ def main() -> None:
     ap.add_argument("--granularity", default="block", choices=["block", "projection"])
     ap.add_argument("--fitness-data", default="c4", choices=["c4", "wikitext2", "ptb"],
                     help="held-out text of the search's fitness (wikitext2/ptb: their validation split)")
-    ap.add_argument("--stats-inputs", default="dense", choices=["dense", "pruned"],
-                    help="the ranks' / level database's statistics from dense inputs or through pruned blocks")
+    ap.add_argument("--stats-inputs", choices=["dense", "pruned"],
+                    help="the ranks' / level database's statistics from dense inputs or through pruned blocks "
+                         "(default: the pruner's, search.settings.DEFAULT_STATS_INPUTS)")
     ap.add_argument("--report", default="wikitext2", help="report datasets ('' for none)")
     ap.add_argument("--report-limit", type=int, default=0, help="windows per report dataset (0: the whole stream)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -75,6 +77,7 @@ def main() -> None:
     ap.add_argument("--name", default="", help="suffix of the output files")
     ap.add_argument("--front", default="", help="sparsity range of a multi-objective run (e.g. 0.6:0.8)")
     args = ap.parse_args()
+    args.stats_inputs = args.stats_inputs or DEFAULT_STATS_INPUTS[get_method(args.pruner).realizer]
     out, suffix = Path(args.out), f"-{args.name}" if args.name else ""
     out.mkdir(parents=True, exist_ok=True)
     effort = default_effort(args.model is None, args.device)

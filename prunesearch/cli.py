@@ -108,10 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "a level database (default: wanda)")
     p.add_argument("--level-step", type=float, default=0.025,
                    help="sparsegpt only: sparsity step of the level grid on an average-size unit (default: 0.025)")
-    p.add_argument("--stats-inputs", default="dense", choices=["dense", "pruned"],
+    p.add_argument("--stats-inputs", choices=["dense", "pruned"],
                    help="where the pruner's statistics for the search's ranks or level database come from: the "
-                        "dense model's inputs to every block (default), or inputs through the earlier blocks pruned "
-                        "uniformly at the budget, as the sequential pruner that realizes the result sees them")
+                        "dense model's inputs to every block (default for wanda, magnitude, gblm), or inputs "
+                        "through the earlier blocks pruned uniformly at the budget, as the sequential pruner that "
+                        "realizes the result sees them (default for sparsegpt)")
     p.add_argument("--fitness-data", default="c4", choices=["c4", "wikitext2", "ptb"],
                    help="held-out text the fitness is measured on: C4 documents kept apart from calibration and "
                         "reports (default), or the validation split of WikiText-2 / PTB (never their test split): "

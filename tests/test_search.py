@@ -116,7 +116,10 @@ def test_sparsegpt_level_database_swaps_in_what_sparsegpt_computes_from_dense_in
     from prunesearch import data
     from pruners.oneshot import make_pruner, prune_model
 
-    settings = search_settings(tiny_llama_dir, tiny_calib_file, pruner="sparsegpt", level_step=0.1)
+    settings = search_settings(tiny_llama_dir, tiny_calib_file, pruner="sparsegpt", level_step=0.1,
+                               stats_inputs="dense")
+    assert search_settings(tiny_llama_dir, tiny_calib_file, pruner="sparsegpt").stats_inputs == "pruned"  # default
+    assert search_settings(tiny_llama_dir, tiny_calib_file).stats_inputs == "dense"  # wanda's default
     ws = Workspace(settings, tmp_path / "ws")
     alloc = ws.allocation(np.array([0.83, 0.37, 0.66, 0.54]))
     np.testing.assert_allclose(alloc, [0.8, 0.4, 0.7, 0.5])  # on the 0.1 grid, largest remainders rounded up
@@ -297,7 +300,8 @@ def test_statistics_through_pruned_blocks_make_the_uniform_candidate_the_sequent
     from pruners.oneshot import make_pruner, prune_model
 
     kw = {"level_step": 0.1} if pruner == "sparsegpt" else {}
-    dense_ws = Workspace(search_settings(tiny_llama_dir, tiny_calib_file, pruner=pruner, **kw), tmp_path / "d")
+    dense_ws = Workspace(search_settings(tiny_llama_dir, tiny_calib_file, pruner=pruner, stats_inputs="dense", **kw),
+                         tmp_path / "d")
     ws = Workspace(search_settings(tiny_llama_dir, tiny_calib_file, pruner=pruner, stats_inputs="pruned", **kw),
                    tmp_path / "p")
     assert ws.scores.outlier_ratio == pytest.approx(dense_ws.scores.outlier_ratio, rel=1e-6)
