@@ -23,9 +23,9 @@ from torch import nn
 from pruners.masks import Target
 from pruners.registry import ModelLayout, get_weight, set_weight
 from pruners.sparsegpt import prepare, sparsegpt
-from pruners.walker import collect_stats, run_block, walk
+from pruners.walker import collect_stats, run_block
 from pruners.wanda import Wanda
-from search.scores import dense_outlier_ratios, outlier_ratio
+from search.scores import outlier_ratio, prefix_walk
 
 log = logging.getLogger("prunesearch.search")
 
@@ -96,13 +96,7 @@ class LevelDatabase:
             files.append(file)
             members[file] = list(lay.projections[i])
 
-        try:
-            walk(model, calib_ids, visit, device=device, batch_size=batch_size)
-        finally:
-            for name, w in dense.items():
-                set_weight(lay.projections[lay.block_of(name)][name], w)
-        if prefix:
-            outliers = dense_outlier_ratios(model, lay, calib_ids, device, batch_size)
+        outliers = prefix_walk(model, lay, calib_ids, visit, dense, device, batch_size) or outliers
         meta = {"levels": levels, "m": m, "outlier_ratio": outliers, "damping": damping, "files": files,
                 "members": members}
         (tmp / "levels.json").write_text(json.dumps(meta))

@@ -57,6 +57,18 @@ def dense_outlier_ratios(model: nn.Module, lay: ModelLayout, calib_ids: torch.Te
     return ratios
 
 
+def prefix_walk(model: nn.Module, lay: ModelLayout, calib_ids: torch.Tensor, visit, dense: dict[str, torch.Tensor],
+                device: str = "cpu", batch_size: int = 8) -> list[float] | None:
+    """Walk with ``visit``, which may prune each block before it feeds the next and keep the replaced weights in
+    ``dense``; put them back, and return OWL's ratios from the dense model if anything was pruned (else None)."""
+    try:
+        walk(model, calib_ids, visit, device=device, batch_size=batch_size)
+    finally:
+        for name, w in dense.items():
+            set_weight(lay.projections[lay.block_of(name)][name], w)
+    return dense_outlier_ratios(model, lay, calib_ids, device, batch_size) if dense else None
+
+
 class ScoreCache:
     """Per-projection weight ranks under one pruner and pattern, plus OWL outlier ratios per block."""
 
@@ -88,13 +100,8 @@ class ScoreCache:
                     set_weight(module, dense[name].masked_fill(cache.mask(name, prefix).to(w.device), 0))
             cache.outlier_ratio.append(outlier_ratio(metrics))
 
-        try:
-            walk(model, calib_ids, visit, device=device, batch_size=batch_size)
-        finally:
-            for name, w in dense.items():
-                set_weight(lay.projections[lay.block_of(name)][name], w)
-        if prefix:
-            cache.outlier_ratio = dense_outlier_ratios(model, lay, calib_ids, device, batch_size)
+        dense_ratios = prefix_walk(model, lay, calib_ids, visit, dense, device, batch_size)
+        cache.outlier_ratio = dense_ratios or cache.outlier_ratio
         return cache
 
     def save(self, path) -> None:
