@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reports (default), or the validation split of WikiText-2 / PTB (never their test split): "
                         "the domain the allocation is chosen for")
     p.add_argument("--fitness", default="kl", choices=["kl", "ppl"], help="KL to the dense model (default) or "
-                                                                         "perplexity, on held-out C4 tokens")
+                                                                         "perplexity, on the --fitness-data tokens")
     p.add_argument("--min-sparsity", type=float, help="lower bound per unit (default: budget - 0.35)")
     p.add_argument("--max-sparsity", type=float, help="upper bound per unit (default: budget + 0.35, at most 0.99)")
     p.add_argument("--trials", type=int, help="stop after this many measured trials (default: 100)")
