@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from pruners.methods import get_method, names
-from search.engine import SearchSettings, default_effort, run_search
+from search.engine import SearchSettings, Selection, default_effort, default_selection, run_search
 from search.settings import DEFAULT_STATS_INPUTS
 from search.guided import Guide, GuideConfig
 
@@ -42,7 +42,8 @@ def search(settings: SearchSettings, run: Path, sampler: str, args) -> tuple[dic
     """One search of ``args.trials`` trials (timed: set-up plus trials), then its report (seeds and best realized
     for real) when ``args.report`` names datasets; returns (summary, search wall seconds)."""
     guide = Guide(GuideConfig(seed=settings.seed)) if sampler == "guided" else None
-    common = dict(trials=args.trials, device=args.device, progress=False, cache_dir=args.cache_dir)
+    common = dict(trials=args.trials, device=args.device, progress=False, cache_dir=args.cache_dir,
+                  selection=args.selection)
     t = time.perf_counter()
     summary = run_search(settings, run, report_ppl=(), guide=guide, **common)
     wall = time.perf_counter() - t
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--stats-inputs", choices=["dense", "pruned"],
                     help="the ranks' / level database's statistics from dense inputs or through pruned blocks "
                          "(default: the pruner's, search.settings.DEFAULT_STATS_INPUTS)")
+    ap.add_argument("--select-top", type=int, help="finalists pruned for real and re-measured on fresh windows "
+                                                    "(default: the search's, search.selection.DEFAULTS; 0: none)")
     ap.add_argument("--report", default="wikitext2", help="report datasets ('' for none)")
     ap.add_argument("--report-limit", type=int, default=0, help="windows per report dataset (0: the whole stream)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -81,10 +84,12 @@ def main() -> None:
     out, suffix = Path(args.out), f"-{args.name}" if args.name else ""
     out.mkdir(parents=True, exist_ok=True)
     effort = default_effort(args.model is None, args.device)
+    chosen = default_selection(args.model is None, args.device)
+    args.selection = Selection(chosen.top if args.select_top is None else args.select_top, chosen.samples)
     samplers = args.samplers.split(",")
     summary: dict = {"protocol": {"model": args.model or "built-in", "pruner": args.pruner, "trials": args.trials,
                                   "granularity": args.granularity, "stats_inputs": args.stats_inputs,
-                                  "fitness_data": args.fitness_data,
+                                  "fitness_data": args.fitness_data, "selection": vars(args.selection),
                                   "effort": effort, "device": args.device,
                                   "host": platform.node(), "threads": torch.get_num_threads(),
                                   "report": args.report, "report_windows": args.report_limit or "all"}}
@@ -166,6 +171,7 @@ def markdown(summary: dict, args, samplers: list[str], curves: pd.DataFrame, eff
                 row += f" {kl[label][data]:.5f} | {ppl[label][data]:.3f} |"
             lines.append(row)
         lines.append("")
+        lines += selection_section(s)
     lines += ["## Anytime: best search KL after N real evaluations (seeds included), and search time", "",
               "Trials (min): the summed wall time of the measured trials; run (min): the whole search of this "
               "process (set-up from the shared caches, trials, results; for a run found finished, only loading it).", "",
@@ -179,6 +185,23 @@ def markdown(summary: dict, args, samplers: list[str], curves: pd.DataFrame, eff
                      f" | {seed_best:.5f} | {g.wall_s.iloc[-1] / 60:.1f} | {s['search_wall_s'] / 60:.1f} | "
                      f"{s['median_trial_s']:.1f} |")
     return lines
+
+
+def selection_section(s: dict) -> list[str]:
+    """The final selection's finalists: search KL and KL pruned for real on fresh held-out windows."""
+    if "selection" not in s:
+        return []
+    sel = s["selection"]
+    p = sel["protocol"]
+    lines = [f"Final selection (`search.selection`): the {len(sel['finalists'])} best by search KL, "
+             f"{p['realized_with']}, on {p['samples']} fresh {p['windows']}; the searched row above is the lowest "
+             f"(trial {sel['chosen']}); {sum(r['wall_s'] for r in sel['finalists']) / 60:.1f} min.", "",
+             "| trial | label | search KL | pruned for real, fresh windows |", "|---|---|---|---|"]
+    for r in sel["finalists"]:
+        mark = "**" if r["trial"] == sel["chosen"] else ""
+        lines.append(f"| {mark}{r['trial']}{mark} | {r['label']} | {r['search_fitness']:.5f} | "
+                     f"{mark}{r['selection_fitness']:.5f}{mark} |")
+    return lines + [""]
 
 
 def front_section(s: dict, budget_range: str, trials: int) -> list[str]:

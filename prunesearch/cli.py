@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "model other than the built-in one on CPU: 16 of 256 tokens)")
     p.add_argument("--low-fidelity-samples", type=int, help="sequences of the first, cheap rung (default: 8; other "
                                                              "models on CPU: 4)")
+    p.add_argument("--select-top", type=int,
+                   help="final selection: prune the best K allocations for real and keep the one closest to the "
+                        "dense model on fresh held-out windows (default: 4; other models on CPU: 6, on GPU: 8; 0 "
+                        "keeps the best search fitness; single budgets only)")
+    p.add_argument("--select-samples", type=int, help="fresh held-out sequences of the final selection (default: 32; "
+                                                       "GPU: 64), drawn after the fitness sequences")
     p.add_argument("--report-ppl", default="c4,wikitext2",
                    help="datasets reported (never searched) for the best allocation and the seeds: perplexity and KL "
                         "to the dense model; c4 is held-out text of the training distribution disjoint from the "

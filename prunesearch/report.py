@@ -140,7 +140,10 @@ def finalists(run: Run) -> pd.DataFrame:
         seeds = s.get("seeds", {})
     else:
         done = frame[frame["state"] == "COMPLETE"]
-        picks = [("best", int(done.loc[done["fitness"].idxmin(), "number"]))] if len(done) else []
+        if s.get("best"):  # the final selection's pick (search.selection), else the best search fitness
+            picks = [("best", int(s["best"]["trial"]))]
+        else:
+            picks = [("best", int(done.loc[done["fitness"].idxmin(), "number"]))] if len(done) else []
         seeds = {lab: {"trial": int(n)} for lab, n in zip(done["label"], done["number"])
                  if lab.split("-")[0].split("@")[0] in SEED_FAMILIES}
     picks += [(label, int(v["trial"])) for label, v in seeds.items()]
@@ -215,7 +218,16 @@ def build(run_path: Path, out: Path, compare: list[Path] = ()) -> tuple[Path, li
         pngs.append(figs.plot_predictor(pred, taus, kind, folder / "predictor.png"))
         parts += ["<h2>Accuracy predictor: predicted against measured fitness</h2>", _img(pngs[-1], "predictor"),
                   _table(taus)]
-    parts += ["<h2>Finalists</h2>", _table(table), "<h2>Protocol of every number above</h2>", _protocol_table(run)]
+    parts += ["<h2>Finalists</h2>", _table(table)]
+    if "selection" in run.summary:
+        sel = run.summary["selection"]
+        p = sel["protocol"]
+        parts += ["<h2>Final selection</h2>",
+                  f"<p class='note'>The {len(sel['finalists'])} best allocations by search fitness, "
+                  f"{html.escape(p['realized_with'])}, each measured on {p['samples']} fresh "
+                  f"{html.escape(p['windows'])}; the lowest is the best above (trial {sel['chosen']}).</p>",
+                  _table(pd.DataFrame(sel["finalists"]))]
+    parts += ["<h2>Protocol of every number above</h2>", _protocol_table(run)]
     if others:
         parts += ["<h2>Compared runs</h2>", _compare_table([run, *others])]
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>prunesearch report: "

@@ -18,7 +18,8 @@ def check_search_args(args) -> None:
     for flag, value, low in (("--trials", args.trials, 1), ("--workers", args.workers, 1),
                              ("--heartbeat", args.heartbeat, 1), ("--fitness-samples", args.fitness_samples, 1),
                              ("--low-fidelity-samples", args.low_fidelity_samples, 1), ("--nsamples", args.nsamples, 1),
-                             ("--batch-size", args.batch_size, 1), ("--report-limit", args.report_limit, 0)):
+                             ("--batch-size", args.batch_size, 1), ("--report-limit", args.report_limit, 0),
+                             ("--select-top", args.select_top, 0), ("--select-samples", args.select_samples, 1)):
         if value is not None and value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}")
     Budget.parse(args.budget)

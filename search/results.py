@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from prunesearch.files import atomic_json, atomic_path
 from search import faults
 from search.samplers import param_name
+from search.selection import Selection, select
 from search.settings import LEVEL_PARAM
 from search.workspace import Workspace
 
@@ -103,8 +104,10 @@ def _alloc(t: optuna.trial.FrozenTrial) -> np.ndarray:
 
 
 def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str, ...], report_limit: int | None,
-           interrupted: bool = False) -> dict:
-    """Write the results folder and return the summary: best found against every heuristic seed."""
+           interrupted: bool = False, selection: Selection | None = None) -> dict:
+    """Write the results folder and return the summary: best found against every heuristic seed. With a
+    ``selection`` (single budget, not interrupted) the best is the finalist that measures best pruned for real on
+    fresh windows (``search.selection``), else the best search fitness."""
     frame = trials_frame(study, ws)
     with atomic_path(out / "trials.parquet") as tmp:
         frame.to_parquet(tmp, index=False)
@@ -123,7 +126,12 @@ def finish(study: optuna.Study, ws: Workspace, out: Path, report_ppl: tuple[str,
         summary.update(_front(study, ws, out, seeds, report_ppl, report_limit))
     else:
         best = min(complete, key=lambda t: t.value)
+        if selection is not None and selection.top and not interrupted:
+            summary["selection"] = select(ws, complete, selection, out / "selection.json")
+            best = next(t for t in complete if t.number == summary["selection"]["chosen"])
         config = _config(ws, best)
+        if "selection" in summary:
+            config["meta"]["selection"] = summary["selection"]
         atomic_json(out / "best_config.json", config)
         summary["best"] = {"trial": best.number, "label": config["meta"]["label"], "fitness": best.value,
                            "allocation": ws.unit_values(_alloc(best)),

@@ -21,6 +21,7 @@ from prunesearch.safety import RunLock, UserError, mark_output
 from search import faults, storage as storages
 from search.results import finish
 from search.samplers import make_sampler, param_name
+from search.selection import Selection
 from search.settings import LEVEL_PARAM, RANGE_LEVELS, SearchSettings
 from search.both_workspace import BothWorkspace
 from search.space import Space
@@ -158,9 +159,12 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
                device: str = "cpu", batch_size: int = 8, report_ppl: tuple[str, ...] = ("wikitext2",),
                report_limit: int | None = None, progress: bool = True,
                guide: Callable[..., None] | None = None, cache_dir: Path | None = None,
-               heartbeat: int = storages.HEARTBEAT_S) -> dict:
+               heartbeat: int = storages.HEARTBEAT_S, selection: Selection | None = None) -> dict:
     """Run (or resume) a search; writes trials.parquet, best_config.json (for a budget range: the Pareto front,
     pareto.csv and pareto/*.json) and report.json into ``out``.
+
+    ``selection``: how many of the best allocations are pruned for real and re-measured on fresh windows to pick
+    the answer (``search.selection``; None or ``top=0``: the best search fitness).
 
     ``guide`` replaces the plain optimize loop of this process (same arguments as ``optimize``), e.g. the
     predictor-guided loop of ``search.guided.Guide``; extra workers still run the plain sampler.
@@ -173,6 +177,8 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
     if workers < 1:
         raise UserError("--workers must be at least 1")
     settings.validate()
+    if selection is not None:
+        selection.validate()
     if guide is not None and settings.multi_objective:
         raise UserError("the accuracy predictor guides single-budget runs; a budget range needs --predictor off")
     storages.check_storage(storage)
@@ -230,7 +236,7 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
         for p in procs:
             p.join()
         summary = finish(study, ws, out, report_ppl if not (interrupted or rule.failure) else (), report_limit,
-                         interrupted)
+                         interrupted, None if rule.failure else selection)
         if rule.failure:
             summary["stopped"] = rule.failure
         return summary

@@ -26,6 +26,7 @@ def cmd_search(args) -> int:
     from prunesearch.models import resolve_device
     from search.budget import Budget
     from search.preflight import check_search_args
+    from search.selection import Selection, default_selection
     from search.settings import SearchSettings, default_effort
     from search.study import run_search
 
@@ -39,6 +40,9 @@ def cmd_search(args) -> int:
     if args.space == "both" and args.predictor == "on":
         raise UsageError("the accuracy predictor has features for sparsity and for width allocations, not both at "
                          "once; --space both needs --predictor off")
+    if multi and args.select_top:
+        raise UsageError("--select-top picks one allocation; a budget range keeps its whole Pareto front (give "
+                         "one budget, or leave --select-top out)")
     device = resolve_device(args.device)
     given = {"seqlen": args.seqlen, "nsamples": args.nsamples, "fitness_samples": args.fitness_samples,
              "low_fidelity_samples": args.low_fidelity_samples}
@@ -51,6 +55,9 @@ def cmd_search(args) -> int:
         width_score=args.width_score or "flap", latency_table=args.latency_table, stats_inputs=args.stats_inputs,
         fitness_data=args.fitness_data, **effort,
     )
+    chosen = default_selection(args.model is None, device)
+    selection = Selection(0 if multi else chosen.top if args.select_top is None else args.select_top,
+                          chosen.samples if args.select_samples is None else args.select_samples)
     time_budget = parse_duration(args.time_budget) if args.time_budget else None
     out = Path(args.out)
     guide = None
@@ -63,7 +70,7 @@ def cmd_search(args) -> int:
     summary = run_search(settings, out, args.trials, time_budget, args.workers, args.storage, args.study,
                          device, args.batch_size, tuple(d for d in args.report_ppl.split(",") if d),
                          args.report_limit or None, not args.quiet, guide, args.cache_dir and Path(args.cache_dir),
-                         args.heartbeat)
+                         args.heartbeat, selection)
     if summary.get("stopped"):
         print(f"prunesearch: {summary['stopped']}; the trials so far are kept in {out}", file=sys.stderr)
         return 1
@@ -98,10 +105,22 @@ def _print_summary(summary: dict, out: Path) -> None:
     rows = [("best", summary["best"]["fitness"])] + [(k, v["fitness"]) for k, v in summary["seeds"].items()]
     for label, fit in rows:
         print(f"{label:<18} {fit:>20.5f} " + cells(label))
+    if "selection" in summary:
+        _print_selection(summary["selection"], kind)
     alloc = ", ".join(f"{k}: {v:.3f}" for k, v in summary["best"]["allocation"].items())
     print(f"best ({summary['best']['label']}, trial {summary['best']['trial']}): {alloc}")
     print(f"{summary['trials']} trials ({summary['pruned']} stopped early at low fidelity), "
           f"median trial {summary['median_trial_s']:.2f}s; results in {out}")
+
+
+def _print_selection(selection: dict, kind: str) -> None:
+    p = selection["protocol"]
+    print(f"\nfinal selection: the {len(selection['finalists'])} best, {p['realized_with']}, on {p['samples']} fresh "
+          f"held-out sequences ({kind}):")
+    for row in selection["finalists"]:
+        mark = "  <- chosen" if row["trial"] == selection["chosen"] else ""
+        print(f"  trial {row['trial']:>5} {row['label']:<12} search {row['search_fitness']:.5f}  "
+              f"selection {row['selection_fitness']:.5f}{mark}")
 
 
 def _print_front(summary: dict, out: Path) -> None:

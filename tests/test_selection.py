@@ -1,0 +1,61 @@
+"""The final selection (``search.selection``): the best few allocations pruned for real and re-measured on fresh
+held-out windows; the lowest there is the run's answer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import search_settings
+from prunesearch import data
+from prunesearch.evaluate import DenseReference
+from search.engine import Selection, Workspace, run_search
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path / "cache"))
+
+
+def test_the_answer_is_the_finalist_closest_to_dense_when_pruned_for_real(tiny_llama_dir, tiny_calib_file, tmp_path):
+    settings = search_settings(tiny_llama_dir, tiny_calib_file, pruner="sparsegpt", level_step=0.1)
+    out = tmp_path / "run"
+    summary = run_search(settings, out, trials=14, report_ppl=(), progress=False, selection=Selection(3, 5))
+    frame = pd.read_parquet(out / "trials.parquet")
+    distinct = frame[(frame.state == "COMPLETE") & frame.duplicate_of.isna()].sort_values("fitness")
+    sel = summary["selection"]
+    assert [r["trial"] for r in sel["finalists"]] == distinct.number.head(3).tolist()
+    assert sel["chosen"] == min(sel["finalists"], key=lambda r: r["selection_fitness"])["trial"]
+    assert summary["best"]["trial"] == sel["chosen"]
+    assert json.loads((out / "best_config.json").read_text())["meta"]["trial"] == sel["chosen"]
+
+    # recompute one finalist by hand: pruned sequentially, KL on held-out windows 6-10 (the fitness used 0-5)
+    ws = Workspace(settings, tmp_path / "ws")
+    ids = data.heldout_ids(ws.tokenizer, 11, ws.seqlen, 0, None)
+    assert torch.equal(ids[:6], ws.heldout)
+    reference = DenseReference.compute(ws.model, ids[6:], 8)
+    row = sel["finalists"][1]
+    alloc = np.asarray(distinct.loc[distinct.number == row["trial"], [f"s[{u}]" for u in ws.space.units]])[0]
+    ws.prune_for_report(alloc, ws.calibration_ids())
+    assert reference.kl(ws.model, 8) == pytest.approx(row["selection_fitness"], rel=1e-5)
+    assert row["selection_fitness"] != pytest.approx(row["search_fitness"], rel=1e-3)  # other windows, realized
+
+    # finishing the run again re-uses the measured finalists; one more finalist is measured, the rest kept
+    before = json.loads((out / "selection.json").read_text())["scores"]
+    again = run_search(settings, out, trials=14, report_ppl=(), progress=False, selection=Selection(4, 5))
+    after = json.loads((out / "selection.json").read_text())["scores"]
+    assert {k: after[k] for k in before} == before and len(after) == 4
+    assert [r["trial"] for r in again["selection"]["finalists"]][:3] == [r["trial"] for r in sel["finalists"]]
+
+
+def test_no_selection_keeps_the_best_search_fitness(tiny_llama_dir, tiny_calib_file, tmp_path):
+    out = tmp_path / "run"
+    summary = run_search(search_settings(tiny_llama_dir, tiny_calib_file), out, trials=9, report_ppl=(),
+                         progress=False, selection=Selection(0, 5))
+    frame = pd.read_parquet(out / "trials.parquet")
+    assert "selection" not in summary and not (out / "selection.json").exists()
+    assert summary["best"]["fitness"] == frame.fitness.min()
