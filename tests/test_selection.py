@@ -32,6 +32,8 @@ def test_the_answer_is_the_finalist_closest_to_dense_when_pruned_for_real(tiny_l
     assert sel["chosen"] == min(sel["finalists"], key=lambda r: r["selection_fitness"])["trial"]
     assert summary["best"]["trial"] == sel["chosen"]
     assert json.loads((out / "best_config.json").read_text())["meta"]["trial"] == sel["chosen"]
+    page = (out / "report.html").read_text()
+    assert "Final selection" in page and f"trial {sel['chosen']})" in page
 
     # recompute one finalist by hand: pruned sequentially, KL on held-out windows 6-10 (the fitness used 0-5)
     ws = Workspace(settings, tmp_path / "ws")
