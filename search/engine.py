@@ -26,6 +26,6 @@ from search.workspace import Workspace
 
 __all__ = [
     "BOUND_WIDTH", "EFFORT", "LEVEL_PARAM", "PRUNERS", "RANGE_LEVELS", "SearchSettings", "Selection", "Workspace",
-    "check_run_folder", "default_effort", "default_selection", "enqueue_seeds", "finish", "open_study", "open_workspace", "optimize",
-    "run_search", "trials_frame",
+    "check_run_folder", "default_effort", "default_selection", "enqueue_seeds", "finish", "open_study",
+    "open_workspace", "optimize", "run_search", "trials_frame",
 ]

@@ -3,7 +3,7 @@ the best there is the run's answer.
 
 Why: the search scores candidates fast (cached ranks, or a SparseGPT level database stitched per unit) on a few
 thousand tokens, and after many trials its best is partly the one that fits that proxy's errors best. Measured on
-SmolLM2-135M at 70% with the SparseGPT database (README): the six best of 100 trials read 1.839-1.845 KL as
+SmolLM2-135M at 70% with the SparseGPT database (README): the six best of 100 trials read 1.839-1.877 KL as
 searched, but 1.782-1.943 pruned sequentially on 32 fresh C4 windows. EvoPress likewise ranks its last candidates
 on more tokens than its first.
 The fresh windows continue the fitness windows' random draw (the same seed and text), so they are never the
@@ -23,7 +23,7 @@ from prunesearch.files import atomic_json, read_json
 from prunesearch.safety import UserError
 
 # Finalists and fresh windows when the user gives none (as ``search.settings.EFFORT``): a real model on CPU realizes
-# each finalist for real (about a minute with SparseGPT on SmolLM2-135M), so it gets fewer of both.
+# each finalist for real (75-90 s each with SparseGPT on SmolLM2-135M), so it gets fewer of both.
 DEFAULTS = {"builtin": (4, 32), "gpu": (8, 64), "cpu": (6, 32)}
 
 
