@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import search_settings
+from conftest import FAMILIES, saved_tiny_model, search_settings
 from prunesearch import data
 from prunesearch.evaluate import DenseReference
 from search.engine import Selection, Workspace, run_search
@@ -61,3 +61,14 @@ def test_no_selection_keeps_the_best_search_fitness(tiny_llama_dir, tiny_calib_f
     frame = pd.read_parquet(out / "trials.parquet")
     assert "selection" not in summary and not (out / "selection.json").exists()
     assert summary["best"]["fitness"] == frame.fitness.min()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_final_selection_on_every_family(family, tmp_path, tiny_tokenizer, tiny_calib_file):
+    model_dir = saved_tiny_model(tmp_path / family, tiny_tokenizer, family)
+    out = tmp_path / "run"
+    summary = run_search(search_settings(model_dir, tiny_calib_file, pruner="sparsegpt", level_step=0.1), out,
+                         trials=9, report_ppl=(), progress=False, selection=Selection(2, 3))
+    rows = summary["selection"]["finalists"]
+    assert len(rows) == 2 and all(np.isfinite(r["selection_fitness"]) and r["selection_fitness"] > 0 for r in rows)
+    assert summary["best"]["trial"] == min(rows, key=lambda r: r["selection_fitness"])["trial"]
