@@ -126,7 +126,8 @@ def test_a_corrupt_cache_is_recomputed(tiny_llama_dir, tiny_calib_file, tmp_path
     out = tmp_path / "run"
     assert main(search_argv(tiny_llama_dir, tiny_calib_file, out, trials=5)) == 0
     caches = sorted((out / "cache").glob("*.safetensors"))
-    assert {p.name.split("-")[0] for p in caches} == {"scores", "reference"}
+    assert {p.name.split("-")[0] for p in caches} == {"scores", "reference", "selection"}
+    (out / "selection.json").unlink()  # so that the final selection measures (and reads its reference) again
     intact = {p: p.read_bytes() for p in caches}
     tensors = {p: {k: v.clone() for k, v in load_file(str(p)).items()} for p in caches}  # (load_file maps the file)
     for p in caches:
