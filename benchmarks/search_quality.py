@@ -27,6 +27,7 @@ from pruners.methods import get_method, names
 from search.engine import SearchSettings, Selection, default_effort, default_selection, run_search
 from search.settings import DEFAULT_STATS_INPUTS
 from search.guided import Guide, GuideConfig
+from search.seeds import START
 
 
 def anytime(frame: pd.DataFrame) -> pd.DataFrame:
@@ -70,6 +71,9 @@ def main() -> None:
                          "(default: the pruner's, search.settings.DEFAULT_STATS_INPUTS)")
     ap.add_argument("--select-top", type=int, help="finalists pruned for real and re-measured on fresh windows "
                                                     "(default: the search's, search.selection.DEFAULTS; 0: none)")
+    ap.add_argument("--enqueue", action="append", default=[], metavar="CONFIG",
+                    help="a sparsity config measured first (e.g. a block-level run's best_config.json to start a "
+                         "projection-level search from); listed apart from the heuristics")
     ap.add_argument("--report", default="wikitext2", help="report datasets ('' for none)")
     ap.add_argument("--report-limit", type=int, default=0, help="windows per report dataset (0: the whole stream)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -90,6 +94,7 @@ def main() -> None:
     summary: dict = {"protocol": {"model": args.model or "built-in", "pruner": args.pruner, "trials": args.trials,
                                   "granularity": args.granularity, "stats_inputs": args.stats_inputs,
                                   "fitness_data": args.fitness_data, "selection": vars(args.selection),
+                                  "enqueue": args.enqueue,
                                   "effort": effort, "device": args.device,
                                   "host": platform.node(), "threads": torch.get_num_threads(),
                                   "report": args.report, "report_windows": args.report_limit or "all"}}
@@ -99,7 +104,8 @@ def main() -> None:
             settings = SearchSettings(model=args.model, budget=f"sparsity={budget}", pruner=args.pruner,
                                       sampler="tpe" if sampler == "guided" else sampler, data_dir=args.data_dir,
                                       granularity=args.granularity, level_step=args.level_step,
-                                      stats_inputs=args.stats_inputs, fitness_data=args.fitness_data, **effort)
+                                      stats_inputs=args.stats_inputs, fitness_data=args.fitness_data,
+                                      enqueue=[str(Path(c).resolve()) for c in args.enqueue], **effort)
             run = Path(args.runs) / f"{args.name or 'builtin'}-{args.pruner}-s{budget:g}-{sampler}"
             report = args.report if sampler == samplers[0] else ""
             s, wall = search(settings, run, sampler, argparse.Namespace(**{**vars(args), "report": report}))
@@ -158,7 +164,7 @@ def markdown(summary: dict, args, samplers: list[str], curves: pd.DataFrame, eff
         lines += [f"## {float(budget):.0%} unstructured", ""]
         if data:
             ppl, kl = s["report_ppl"], s["report_kl"]
-            heur = min((k for k in s["seeds"]), key=lambda k: ppl[k][data])
+            heur = min((k for k in s["seeds"] if not k.startswith(START)), key=lambda k: ppl[k][data])
             lines += [f"Searched / best heuristic ({heur}) {data} PPL: "
                       f"**{ppl['best'][data] / ppl[heur][data]:.3f}×**.", "",
                       f"| allocation | search KL | {data} KL to dense | {data} PPL |", "|---|---|---|---|"]

@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out text the fitness is measured on: C4 documents kept apart from calibration and "
                         "reports (default), or the validation split of WikiText-2 / PTB (never their test split): "
                         "the domain the allocation is chosen for")
+    p.add_argument("--enqueue", action="append", metavar="CONFIG",
+                   help="a per-layer sparsity config (JSON/YAML, such as an earlier run's best_config.json) "
+                        "measured first beside the heuristic seeds, fitted to this budget and granularity: a "
+                        "block-level answer starts a --granularity projection search (repeatable)")
     p.add_argument("--fitness", default="kl", choices=["kl", "ppl"], help="KL to the dense model (default) or "
                                                                          "perplexity, on the --fitness-data tokens")
     p.add_argument("--min-sparsity", type=float, help="lower bound per unit (default: budget - 0.35)")

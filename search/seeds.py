@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
+from pruners.registry import ModelLayout
+from pruners.targets import SparsityConfig
 from pruners.width.allocation import global_ranking, uniform_params
 from pruners.width.counting import Shapes
 from pruners.width.geometry import BlockWidth, Geometry
@@ -52,6 +55,31 @@ def heuristic_seeds(space: Space, outlier_ratio: list[float], spreads: tuple[flo
     seeds = {"uniform": uniform(space), "owl": owl(space, outlier_ratio)}
     for s in spreads:
         seeds[f"atp-{s:g}"] = atp(space, s)
+    return seeds
+
+
+def from_config(space: Space, lay: ModelLayout, config: SparsityConfig) -> np.ndarray:
+    """A per-layer config (an earlier run's ``best_config.json``, or one a person wrote) as an allocation of this
+    space: each unit takes the size-weighted mean of its projections' sparsities (so a block config spreads to
+    its projections and a projection config averages into its blocks), projected onto the budget and bounds.
+    Measured first, it lets a projection-level search start from a block-level answer (coarse to fine)."""
+    targets = config.resolve(lay)
+    x = [sum(lay.numel(n) * targets[n].sparsity for n in unit) / sum(lay.numel(n) for n in unit)
+         for unit in space.members]
+    return space.project(np.asarray(x, dtype=np.float64))
+
+
+START = "start:"  # the label prefix of an --enqueue config: a starting point, not a heuristic to beat
+
+
+def config_seeds(space: Space, lay: ModelLayout, paths: list[str]) -> dict[str, np.ndarray]:
+    """The configs given with ``--enqueue``, labelled ``start:FILE`` (or ``start:FILE#k`` when names repeat)."""
+    seeds: dict[str, np.ndarray] = {}
+    for path in paths:
+        label = f"{START}{Path(path).name}"
+        if label in seeds:
+            label = f"{label}#{len(seeds)}"
+        seeds[label] = from_config(space, lay, SparsityConfig.load(path))
     return seeds
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pruners.methods import METHODS, get_method, names
 from prunesearch.safety import UserError
@@ -70,6 +70,7 @@ class SearchSettings:
     latency_table: str | None = None  # a latency= budget's table (pruners.width.latency JSON); None: measure here
     stats_inputs: str | None = None  # None: the realizer's default (DEFAULT_STATS_INPUTS)
     fitness_data: str = "c4"  # the held-out text of the fitness: C4 documents, or a WikiText-2 / PTB validation split
+    enqueue: list[str] = field(default_factory=list)  # sparsity configs measured first, beside the heuristic seeds
 
     def __post_init__(self):
         if self.stats_inputs is None and self.pruner in PRUNERS:
@@ -129,8 +130,15 @@ class SearchSettings:
             raise UserError(f"--space both searches a params= budget of nonzero parameters (such as params=60%, or a "
                             f"range params=40%:70% for a Pareto front; flops=, memory= and latency= may limit the "
                             f"widths too), got {self.budget!r}")
+        if self.enqueue and self.space != "sparsity":
+            raise UserError(f"--enqueue starts a sparsity search from a per-layer sparsity config; --space "
+                            f"{self.space} does not take one")
         if self.space in ("width", "both"):
             self._validate_width()
+        from pruners.targets import SparsityConfig
+
+        for path in self.enqueue:
+            SparsityConfig.load(path)  # a missing or malformed file is one line, before anything loads
 
     def _validate_width(self) -> None:
         """What the width spaces cannot take: a sparsity= budget, N:M, another pruner (the both space prunes the

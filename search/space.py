@@ -28,6 +28,7 @@ class Space:
     high: float
     members: tuple[tuple[str, ...], ...]  # the projections each unit stands for
     blocks: tuple[int, ...]  # the block each unit lies in
+    kinds: tuple[str, ...] = ()  # projection-level spaces: each unit's name inside its block (``mlp.down_proj``)
 
     def __post_init__(self):
         if not 0.0 <= self.low <= self.high < 1.0:
@@ -141,14 +142,16 @@ def make_space(lay: ModelLayout, target: float, low: float, high: float, granula
     if granularity == "block":
         units = tuple(str(i) for i in range(lay.num_blocks))
         members = tuple(tuple(block) for block in lay.projections)
+        kinds: tuple[str, ...] = ()
     elif granularity == "projection":
         units = tuple(lay.projection_names())
         members = tuple((u,) for u in units)
+        kinds = tuple(u[len(lay.blocks_path) + 1:].split(".", 1)[1] for u in units)
     else:
         raise UserError(f"granularity must be 'block' or 'projection', got {granularity!r}")
     sizes = np.array([sum(lay.numel(n) for n in m) for m in members], dtype=np.float64)
     blocks = tuple(lay.block_of(m[0]) for m in members)
-    return Space(units, sizes, target, low, high, members, blocks)
+    return Space(units, sizes, target, low, high, members, blocks, kinds)
 
 
 def parse_budget(text: str, lay: ModelLayout, total_params: int) -> tuple[str, float, float]:

@@ -68,6 +68,10 @@ class Workspace:
         high = settings.max_sparsity if settings.max_sparsity is not None else min(0.99, t_high + BOUND_WIDTH)
         self.space = make_space(self.lay, t_low, low, high, settings.granularity)
         self.space_at(t_high)  # both ends of a range must be feasible inside the bounds
+        if settings.enqueue:  # a config naming layers this model lacks: one line before any cache is written
+            from search.seeds import config_seeds
+
+            config_seeds(self.space, self.lay, settings.enqueue)
         self.m = parse_pattern(settings.pattern)
         if self.m:
             from pruners.masks import check_pattern_fits_layout
@@ -173,10 +177,12 @@ class Workspace:
         self.realizer.apply({})
 
     def seeds(self, target: float | None = None) -> dict[str, np.ndarray]:
-        """The labelled heuristic seeds as sampled values (at ``target`` for a budget range)."""
-        from search.seeds import heuristic_seeds
+        """The labelled heuristic seeds and ``--enqueue`` configs as sampled values (at ``target`` for a range)."""
+        from search.seeds import config_seeds, heuristic_seeds
 
-        return heuristic_seeds(self.space_at(target), self.scores.outlier_ratio)
+        space = self.space_at(target)
+        return {**heuristic_seeds(space, self.scores.outlier_ratio),
+                **config_seeds(space, self.lay, self.settings.enqueue)}
 
     trade_label = "mean sparsity"  # what a Pareto run's second objective is
 

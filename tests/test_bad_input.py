@@ -41,6 +41,7 @@ def world(tmp_path_factory, tiny_llama_dir, tiny_calib_file):
     (files / "latin1.json").write_bytes('{"sparsity": {"0": 0.5}, "note": "café"}'.encode("latin-1"))
     (files / "latin1.txt").write_bytes("café au lait ".encode("latin-1") * 200)
     (files / "trials.parquet").write_bytes(b"not a parquet file")
+    (files / "other_model.json").write_text('{"sparsity": {"7": 0.5, "transformer.h.0.mlp.c_fc": 0.6}}')
     (files / "predictor.json").write_text('{"format": ')
     (files / "record").mkdir()
     (files / "record" / "run_config.json").write_text('{"model": ')
@@ -124,6 +125,16 @@ CASES = [
      "--select-samples must be at least 1"),
     ("final selection of a budget range", lambda w: _search(w, w["root"] / "new", "--budget", "sparsity=0.5:0.7",
                                                             "--select-top", "3"), "keeps its whole Pareto front"),
+    ("start config that does not exist", lambda w: _search(w, w["root"] / "new", "--enqueue", w["root"] / "no.json"),
+     "does not exist"),
+    ("start config of another model", lambda w: _search(w, w["root"] / "new", "--enqueue",
+                                                        w["files"] / "other_model.json"),
+     "config names layers the model does not have"),
+    ("start config that is not YAML", lambda w: _search(w, w["root"] / "new", "--enqueue", w["files"] / "bad.yaml"),
+     "is not valid YAML"),
+    ("start config for widths", lambda w: _search(w, w["root"] / "new", "--space", "width", "--budget", "params=80%",
+                                                  "--enqueue", w["files"] / "other_model.json"),
+     "--space width does not take one"),
     ("time budget", lambda w: _search(w, w["root"] / "new", "--time-budget", "5x"), "--time-budget"),
     ("broken config.json", lambda w: _search(w, w["root"] / "new", model=w["broken"]), "unreadable config.json"),
     ("missing model", lambda w: _search(w, w["root"] / "new", model=w["root"] / "nope"), "does not exist"),
