@@ -156,7 +156,15 @@ def markdown(summary: dict, args, samplers: list[str], curves: pd.DataFrame, eff
              f"{effort['low_fidelity_samples']} are the early-stopping rung), calibration {effort['nsamples']} C4 "
              f"sequences (seed 0). Report: {data} test perplexity and KL to dense on {windows} at the same seqlen, "
              f"each allocation realized with the sequential one-shot {args.pruner}; the search never saw that data. "
-             f"Seeds: uniform, OWL (M=5, λ=0.08) and ATP's slope grid; `{first}` is the reported search.", ""]
+             f"Seeds: uniform, OWL (M=5, λ=0.08) and ATP's slope grid; `{first}` is the reported search."]
+    if args.enqueue:
+        lines[-1] += (f" The search also starts from {', '.join(f'`{Path(c).name}`' for c in args.enqueue)} "
+                      f"(`--enqueue`, the `start:` row: not a heuristic).")
+    if realized_from.startswith("level") and args.granularity == "projection":
+        lines[-1] += (" Every allocation, seeds included, is snapped to this space's level grid (one level is the "
+                      f"same number of weights, so small projections move in coarse steps: {args.level_step:g} on "
+                      "an average-size unit); the seeds therefore differ slightly from a block-level run's.")
+    lines.append("")
     for key, s in summary.items():
         if "/" not in key or not key.endswith("/" + first):
             continue
