@@ -16,11 +16,12 @@ from prunesearch import report_figures as figs
 from prunesearch.export import PROTOCOL, read_trials, units
 from prunesearch.files import read_json, read_json_lines
 from prunesearch.safety import UserError
+from search.seeds import START
 from predictors.width_features import WidthRecord
 
 log = logging.getLogger("prunesearch.report")
 
-SEED_FAMILIES = ("uniform", "owl", "atp", "flap")
+SEED_FAMILIES = ("uniform", "owl", "atp", "flap")  # and every --enqueue start (search.seeds.START)
 # the page marks itself once every image has decoded (data-images="ok:N" on <body>): what a browser test reads
 SELF_CHECK = """<script>
 window.addEventListener("load", () => {
@@ -145,7 +146,7 @@ def finalists(run: Run) -> pd.DataFrame:
         else:
             picks = [("best", int(done.loc[done["fitness"].idxmin(), "number"]))] if len(done) else []
         seeds = {lab: {"trial": int(n)} for lab, n in zip(done["label"], done["number"])
-                 if lab.split("-")[0].split("@")[0] in SEED_FAMILIES}
+                 if lab.split("-")[0].split("@")[0] in SEED_FAMILIES or lab.startswith(START)}
     picks += [(label, int(v["trial"])) for label, v in seeds.items()]
     rows = []
     for label, number in picks:

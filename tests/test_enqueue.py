@@ -82,6 +82,7 @@ def test_a_projection_search_starts_from_a_block_answer(tiny_llama_dir, tiny_cal
     assert start.fitness.iloc[0] == pytest.approx(best_block, rel=1e-6)
     report = json.loads((fine / "report.json").read_text())
     assert "start:best_config.json" in report["seeds"]
+    assert "start:best_config.json" in (fine / "report.html").read_text()
     assert report["best"]["fitness"] <= best_block  # the evolution starts from it and keeps the better
     recorded = json.loads((fine / "run_config.json").read_text())["enqueue"]
     assert recorded == [str((block / "best_config.json").resolve())]
