@@ -154,9 +154,13 @@ class ModelLayout:
                 return i
         raise KeyError(name)
 
+    def local_name(self, name: str) -> str:
+        """A projection's name inside its block (``self_attn.q_proj``), the same in every block."""
+        return name[len(self.blocks_path) + 1:].split(".", 1)[1]
+
     def kind_of(self, name: str) -> str:
         """``attention`` or ``mlp``: the role of a projection inside its block."""
-        local = name[len(self.blocks_path) + 1:].split(".", 1)[1]
+        local = self.local_name(name)
         family = next((f for f in FAMILIES if f.name == self.family), None)
         if family is not None:
             return "attention" if local in family.attention else "mlp"

@@ -146,7 +146,7 @@ def make_space(lay: ModelLayout, target: float, low: float, high: float, granula
     elif granularity == "projection":
         units = tuple(lay.projection_names())
         members = tuple((u,) for u in units)
-        kinds = tuple(u[len(lay.blocks_path) + 1:].split(".", 1)[1] for u in units)
+        kinds = tuple(map(lay.local_name, units))
     else:
         raise UserError(f"granularity must be 'block' or 'projection', got {granularity!r}")
     sizes = np.array([sum(lay.numel(n) for n in m) for m in members], dtype=np.float64)
