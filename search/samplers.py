@@ -67,16 +67,18 @@ def kind_groups(space) -> list[np.ndarray]:
 
 
 def mutate(space, rng: np.random.Generator, parent: np.ndarray, step: float = 0.02, max_moves: int = 3,
-           wave: float = 0.5, wave_amplitude: float = 0.05, low=None, high=None) -> np.ndarray:
+           wave: float = 0.5, wave_amplitude: float = 0.05, low=None, high=None,
+           kinds: list[np.ndarray] | None = None) -> np.ndarray:
     """One child of a sampled point: with probability ``wave`` one depth wave (off the budget: project it) — or, in
     a projection-level space, half the time a kind shift: one kind of projection a level up in every block and
     another a level down, the same weights moved (``kind_groups``) — else 1 to ``max_moves`` level switches
     between random pairs of units inside the bounds (default the space's), each moving ``step`` × the mean unit
-    size of weights from one unit to the other, so the budget is kept."""
+    size of weights from one unit to the other, so the budget is kept. ``kinds``: ``kind_groups(space)``, for a
+    caller that draws many children of one space."""
     child = np.array(parent, dtype=np.float64)
     delta = step * space.sizes.mean() / space.sizes
     if rng.random() < wave:
-        groups = kind_groups(space)
+        groups = kind_groups(space) if kinds is None else kinds
         if groups and rng.random() < 0.5:
             up, down = rng.choice(len(groups), size=2, replace=False)
             child[groups[up]] += delta[groups[up]]
@@ -110,6 +112,7 @@ class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
         self.space, self.step, self.max_moves = space, step, max_moves
         self.wave, self.wave_amplitude = wave, wave_amplitude
         self.rng = np.random.default_rng(seed)
+        self.kinds = kind_groups(space)
         self.fallback = optuna.samplers.RandomSampler(seed=seed)
 
     def reseed_rng(self) -> None:
@@ -135,7 +138,7 @@ class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
 
     def _mutate(self, parent: np.ndarray) -> np.ndarray:
         return self.space.project(mutate(self.space, self.rng, parent, self.step, self.max_moves, self.wave,
-                                         self.wave_amplitude))
+                                         self.wave_amplitude, kinds=self.kinds))
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         return self.fallback.sample_independent(study, trial, param_name, param_distribution)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from search.samplers import depth_waves, mutate, smooth_profiles
+from search.samplers import depth_waves, kind_groups, mutate, smooth_profiles
 
 
 def smooth_share(space) -> float:
@@ -35,7 +35,8 @@ def local(space, rng: np.random.Generator, best: np.ndarray, low: np.ndarray, hi
         return np.empty((0, space.dim))
     centres = best[rng.integers(0, len(best), n)]
     if evolve:
-        children = np.stack([mutate(space, rng, c, low=low, high=high) for c in centres])
+        kinds = kind_groups(space)
+        children = np.stack([mutate(space, rng, c, low=low, high=high, kinds=kinds) for c in centres])
         return space.project_many(np.clip(children, low, high))
     noise = rng.normal(size=centres.shape) * 0.1 * (high - low)
     waves = depth_waves(space, rng, n, 0.1 * float(np.mean(high - low)))
