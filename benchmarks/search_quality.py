@@ -105,7 +105,7 @@ def main() -> None:
                                       sampler="tpe" if sampler == "guided" else sampler, data_dir=args.data_dir,
                                       granularity=args.granularity, level_step=args.level_step,
                                       stats_inputs=args.stats_inputs, fitness_data=args.fitness_data,
-                                      enqueue=[str(Path(c).resolve()) for c in args.enqueue], **effort)
+                                      enqueue=args.enqueue, **effort)
             run = Path(args.runs) / f"{args.name or 'builtin'}-{args.pruner}-s{budget:g}-{sampler}"
             report = args.report if sampler == samplers[0] else ""
             s, wall = search(settings, run, sampler, argparse.Namespace(**{**vars(args), "report": report}))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from pruners.methods import METHODS, get_method, names
@@ -73,6 +74,7 @@ class SearchSettings:
     enqueue: list[str] = field(default_factory=list)  # sparsity configs measured first, beside the heuristic seeds
 
     def __post_init__(self):
+        self.enqueue = [str(Path(c).resolve()) for c in self.enqueue]  # a resumed run finds them from any folder
         if self.stats_inputs is None and self.pruner in PRUNERS:
             self.stats_inputs = DEFAULT_STATS_INPUTS[self.realizer] if self.space == "sparsity" else "dense"
 
