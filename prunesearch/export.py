@@ -46,6 +46,17 @@ def measured(frame: pd.DataFrame) -> pd.DataFrame:
     return done.sort_values(["fitness", "number"], kind="stable")
 
 
+def answer_first(done: pd.DataFrame, run: Path) -> pd.DataFrame:
+    """``done`` with the run's answer first: the trial its ``best_config.json`` names (the final selection's
+    choice, which need not be the best search fitness), the rest best first."""
+    path = Path(run) / "best_config.json"
+    if not path.is_file():
+        return done
+    trial = (read_json(path, "best config").get("meta") or {}).get("trial")
+    chosen = done["number"] == trial
+    return pd.concat([done[chosen], done[~chosen]])
+
+
 def _plain(value):
     """A JSON-native copy of a pandas/numpy cell."""
     return value.item() if hasattr(value, "item") else value
@@ -83,7 +94,8 @@ def width_trial_config(row: pd.Series, rec, run: Path) -> dict:
 
 
 def select(run: Path, top: int | None = None, pareto: bool = False) -> list[dict]:
-    """The configs to export: the Pareto front of a budget-range run, else the ``top`` best (default 1)."""
+    """The configs to export: the Pareto front of a budget-range run, else the run's answer and the next best by
+    search fitness, ``top`` in all (default 1: the answer alone)."""
     run = Path(run)
     frame = read_trials(run)
     width = any(c.startswith("w[") for c in frame.columns)
@@ -95,7 +107,7 @@ def select(run: Path, top: int | None = None, pareto: bool = False) -> list[dict
         return [read_json(run / path, "Pareto config") for path in pd.read_csv(table)["config"]]
     if top is not None and top < 1:
         raise UserError("--top must be at least 1")
-    best = measured(frame).head(top or 1)
+    best = answer_first(measured(frame), run).head(top or 1)
     if best.empty:
         raise UserError(f"{run} has no completed trial to export")
     if width:
