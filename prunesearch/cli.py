@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width-score", choices=["wanda", "flap", "taylor"],
                    help="--space width or both: importance of heads and channels (default: flap)")
     p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (layers get k:M levels)")
-    p.add_argument("--granularity", default="block", choices=["block", "projection"])
+    p.add_argument("--granularity", default="block", choices=["block", "projection", "block,projection"],
+                   help="one sparsity per block (default) or per projection; block,projection: coarse to fine, a "
+                        "block search, then a projection search started from its answer (evo unless --sampler; "
+                        "--trials per stage; OUT/block, OUT/projection)")
     p.add_argument("--pruner", default="wanda", choices=names(searchable=True),
                    help="wanda/magnitude/gblm: cached weight ranks (gblm with its default α and norm); sparsegpt: "
                         "a level database (default: wanda)")

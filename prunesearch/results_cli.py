@@ -69,13 +69,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     import shutil
 
     from prunesearch import export
+    from search.stages import final_run
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out {out} already exists; pass --overwrite to replace it")
     if args.format != "llmcompressor" and (args.modifier or args.model):
         raise UsageError("--modifier and --model only work with --format llmcompressor")
-    configs = export.select(Path(args.run), args.top, args.pareto)
+    configs = export.select(final_run(args.run), args.top, args.pareto)
     if out.is_dir():  # --overwrite of an earlier multi-file export: no stale files stay behind
         shutil.rmtree(out)
     if args.format == "llmcompressor" and "width" in configs[0]:
@@ -99,11 +100,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """``prunesearch report``: the HTML page of a run (and the runs it is compared with)."""
     from prunesearch.report import build
+    from search.stages import final_run
 
-    out = Path(args.out) if args.out else Path(args.run) / "report.html"
+    run = final_run(args.run)
+    out = Path(args.out) if args.out else run / "report.html"
     if out.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"--out must name an .html file, got {out}")
-    page, pngs = build(Path(args.run), out, [Path(r) for r in args.compare])
+    page, pngs = build(run, out, [final_run(r) for r in args.compare])
     print(f"report: {page} (figures: {', '.join(p.name for p in pngs)} in {pngs[0].parent})")
     return 0
 
@@ -117,9 +120,10 @@ def cmd_realize(args: argparse.Namespace) -> int:
     from prunesearch.pruning import PruneJob, run_prune, save_folder
     from prunesearch.realize import (BothChoice, calibration, check_eval_data, load_choice, method, realize_report,
                                      width_target)
+    from search.stages import final_run
 
     out = check_out(args.out, args.overwrite)
-    config, meta, origin = load_choice(args.run, args.config)
+    config, meta, origin = load_choice(args.run and str(final_run(args.run)), args.config)
     width, both = isinstance(config, dict), isinstance(config, BothChoice)
     # widths and sparsity: sliced, then the kept weights pruned with the search's pruner unless told otherwise
     chosen = method(args.method or (meta.get("pruner", "wanda") if both else None), width)

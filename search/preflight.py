@@ -13,6 +13,7 @@ def check_search_args(args) -> None:
     from pruners.masks import parse_pattern
     from prunesearch.models import check_pattern_fits, load_config, model_source
     from search.budget import Budget
+    from search.stages import COARSE_TO_FINE, check_folder, is_staged
     from search.storage import check_storage
 
     for flag, value, low in (("--trials", args.trials, 1), ("--workers", args.workers, 1),
@@ -29,9 +30,14 @@ def check_search_args(args) -> None:
         load_config(model_source(args.model))  # a missing folder or a broken config.json is one line
         check_pattern_fits(args.model, m)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
+    if args.granularity == COARSE_TO_FINE:
+        check_folder(out)
+    elif is_staged(out):
+        raise UserError(f"--out {out} holds a --granularity {COARSE_TO_FINE} search; repeat that option to resume "
+                        f"it, or choose another --out")
+    elif out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "run_config.json").is_file():
+    elif out.is_dir() and any(out.iterdir()) and not (out / "run_config.json").is_file():
         raise UserError(f"--out {out} exists and is not a prunesearch run folder")
     if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
         raise UserError(f"--cache-dir {args.cache_dir} is not a folder")

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, saved_tiny_model, search_argv, search_settings, tiny_model
 from pruners.registry import layout
@@ -74,7 +75,7 @@ def test_a_projection_search_starts_from_a_block_answer(tiny_llama_dir, tiny_cal
     frame = pd.read_parquet(fine / "trials.parquet")
     start = frame[frame.label == "start:best_config.json"]
     assert len(start) == 1
-    lay = layout(tiny_model("llama"))
+    lay = layout(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
     spread = [answer["sparsity"][str(lay.block_of(n))] for n in lay.projection_names()]
     assert start[[f"s[{n}]" for n in lay.projection_names()]].to_numpy()[0] == pytest.approx(spread, abs=1e-9)
     # the same masks as the block run's answer (Wanda ranks are per projection): the same fitness

@@ -28,6 +28,7 @@ def cmd_search(args) -> int:
     from search.preflight import check_search_args
     from search.selection import Selection, default_selection
     from search.settings import SearchSettings, default_effort
+    from search.stages import COARSE_TO_FINE, STAGES
     from search.study import run_search
 
     check_search_args(args)  # storage, budget, pattern, out, numbers: before the model loads
@@ -47,8 +48,10 @@ def cmd_search(args) -> int:
     given = {"seqlen": args.seqlen, "nsamples": args.nsamples, "fitness_samples": args.fitness_samples,
              "low_fidelity_samples": args.low_fidelity_samples}
     effort = default_effort(args.model is None, device) | {k: v for k, v in given.items() if v is not None}
+    staged = args.granularity == COARSE_TO_FINE
     settings = SearchSettings(
-        model=args.model, budget=args.budget, pattern=args.pattern, granularity=args.granularity,
+        model=args.model, budget=args.budget, pattern=args.pattern,
+        granularity=STAGES[0] if staged else args.granularity,
         pruner=args.pruner, fitness=args.fitness, sampler=args.sampler or ("nsga2" if multi else "tpe"),
         min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, calib=args.calib, seed=args.seed,
         data_dir=args.data_dir, level_step=args.level_step, space=args.space,
@@ -67,15 +70,58 @@ def cmd_search(args) -> int:
         guide = Guide(GuideConfig(init=args.predictor_init))
     elif args.predictor_init:
         raise UsageError("--predictor-init needs --predictor on")
+    report_ppl = tuple(d for d in args.report_ppl.split(",") if d)
+    cache_dir = args.cache_dir and Path(args.cache_dir)
+    if staged:
+        return _coarse_to_fine(args, settings, out, guide, time_budget, device, selection, report_ppl, cache_dir)
     summary = run_search(settings, out, args.trials, time_budget, args.workers, args.storage, args.study,
-                         device, args.batch_size, tuple(d for d in args.report_ppl.split(",") if d),
-                         args.report_limit or None, not args.quiet, guide, args.cache_dir and Path(args.cache_dir),
-                         args.heartbeat, selection)
+                         device, args.batch_size, report_ppl, args.report_limit or None, not args.quiet, guide,
+                         cache_dir, args.heartbeat, selection)
     if summary.get("stopped"):
         print(f"prunesearch: {summary['stopped']}; the trials so far are kept in {out}", file=sys.stderr)
         return 1
     _print_summary(summary, out)
     return 130 if summary.get("interrupted") else 0
+
+
+def _coarse_to_fine(args, settings, out: Path, guide, time_budget: float | None, device: str, selection,
+                    report_ppl: tuple[str, ...], cache_dir: Path | None) -> int:
+    """``--granularity block,projection``: both stages (``search.stages``), each stage's table as it ends, then
+    the step from the block answer to the final one."""
+    from functools import partial
+
+    from search.stages import run_stages
+    from search.study import run_search
+
+    fine_guide = None
+    if args.predictor == "on":
+        from search.guided import Guide, GuideConfig
+
+        fine_guide = Guide(GuideConfig(init=args.predictor_init))
+
+    def show(name: str, summary: dict, folder: Path) -> None:
+        if not summary.get("stopped"):
+            print(f"\n== stage {name} ({folder}) ==")
+            _print_summary(summary, folder)
+
+    run = partial(run_search, trials=args.trials, workers=args.workers, storage=args.storage, device=device,
+                  batch_size=args.batch_size, progress=not args.quiet, heartbeat=args.heartbeat, selection=selection)
+    result = run_stages(settings, out, run, args.sampler, (guide, fine_guide), time_budget, cache_dir, args.study,
+                        report_ppl, args.report_limit or None, show)
+    summaries = result["stages"]
+    last = summaries[list(summaries)[-1]]
+    if last.get("stopped"):
+        print(f"prunesearch: {last['stopped']}; the trials so far are kept in {out}", file=sys.stderr)
+        return 1
+    if last.get("interrupted") or len(summaries) < 2 or last.get("best") is None:
+        return 130 if last.get("interrupted") else 0
+    coarse, fine = summaries["block"]["best"], last["best"]
+    start = next((v for k, v in last["seeds"].items() if k.startswith("start:")), None)
+    snapped = f" ({start['fitness']:.5f} on the projection grid)" if start else ""
+    print(f"\ncoarse to fine: block answer (trial {coarse['trial']}) {coarse['fitness']:.5f}{snapped} -> "
+          f"projection answer (trial {fine['trial']}) {fine['fitness']:.5f} {last['fitness_kind']} on the search "
+          f"data; the answer is {out / result['final']} (export, report and realize --run take {out})")
+    return 0
 
 
 def _report_columns(summary: dict) -> tuple[list[str], Callable[[str], str]]:
