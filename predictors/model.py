@@ -141,6 +141,16 @@ class FitnessPredictor(RegressorMixin, BaseEstimator):
         mean = p.mean(axis=0)
         return (mean, p.std(axis=0)) if return_std else mean
 
+    def lower_bound(self, X: np.ndarray, kappa: float) -> np.ndarray:
+        """Optimistic fitness, the members' mean − ``kappa`` × their spread, taken on the scale the members are fit
+        on (log-fitness for the log target, mapped back): in fitness units a heavy-tailed fitness such as perplexity
+        has a spread near its mean, and the bound would favour the most uncertain points over the best."""
+        p = self.member_predictions(X)
+        if self.target == "log" and self.objective != "pairwise":
+            logs = np.log(p)
+            return np.exp(logs.mean(axis=0) - kappa * logs.std(axis=0))
+        return p.mean(axis=0) - kappa * p.std(axis=0)
+
     def save(self, path: Path, feature_spec: dict, training: dict | None = None, metrics: dict | None = None
              ) -> None:
         """Write ``member-K.json`` per member and ``predictor.json`` into the folder ``path``."""

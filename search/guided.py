@@ -14,7 +14,7 @@ After a warm-up of measured allocations (the heuristic seeds plus scrambled-Sobo
    evolution's own moves (``search.screening``);
 3. asks ``batch`` candidates of the run's Optuna sampler in the narrowed space (on a throw-away copy of the
    study) plus the ``screen_top`` best screened points, and scores all by the lower confidence bound
-   mean − κ·std (fitness is minimized);
+   mean − κ·std of the ensemble on its log-fitness scale (fitness is minimized; ``FitnessPredictor.lower_bound``);
 4. enqueues only the best ``measure`` for real measurement (full fidelity: the predictor is the pruner here),
    never one whose allocation was measured already (on a level grid many candidates round to one).
 
@@ -148,21 +148,20 @@ class Guide:
                 n_local = int((cfg.local + (1.0 - cfg.local) * share) * cfg.screen)
                 n_smooth = int(round((cfg.screen - n_local) * share))
                 screened = box(space, rng, low, high, cfg.screen - n_local, n_smooth)
-                mean, std = model.predict(features(screened, rec, spec), return_std=True)
+                mean = model.predict(features(screened, rec, spec))
                 incumbent = space.sampled(allocs[int(np.argmin(y))])
                 low, high, sens = narrow(space, space.sampled(screened), mean, incumbent, cfg.quantile,
                                          cfg.insensitive, cfg.margin, cfg.min_width, cfg.spread)
                 near = local(space, rng, space.sampled(allocs[np.argsort(y)[:3]]), low, high, n_local, share > 0)
-                n_mean, n_std = model.predict(features(near, rec, spec), return_std=True)
                 screened = np.concatenate([screened, near])
-                mean, std = np.concatenate([mean, n_mean]), np.concatenate([std, n_std])
-                xs, sources = self._candidates(low, high, r, space.sampled(screened), mean - cfg.kappa * std)
+                xs, sources = self._candidates(low, high, r, space.sampled(screened),
+                                               model.lower_bound(features(screened, rec, spec), cfg.kappa))
                 cand = np.array([ws.allocation(x) for x in xs])
                 c_mean, c_std = model.predict(features(cand, rec, spec), return_std=True)
                 # an allocation measured already would only reuse its fitness: never pick it again
                 known = {allocation_key(a) for a in allocs}
                 repeat = np.array([allocation_key(c) in known for c in cand])
-                lcb = np.where(repeat, np.inf, c_mean - cfg.kappa * c_std)
+                lcb = np.where(repeat, np.inf, model.lower_bound(features(cand, rec, spec), cfg.kappa))
                 n = min(cfg.measure, self._left())
                 chosen = [i for i in distinct_best(space.sampled(cand), lcb, n, cfg.min_width / 2)
                           if np.isfinite(lcb[i])]
