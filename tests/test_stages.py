@@ -10,7 +10,7 @@ import pytest
 
 from transformers import AutoModelForCausalLM
 
-from conftest import search_argv
+from conftest import FAMILIES, saved_tiny_model, search_argv
 from prunesearch.cli import main
 from pruners.registry import layout
 from search.settings import SearchSettings
@@ -83,3 +83,18 @@ def test_the_stages_share_a_time_budget_and_stop_after_an_interrupted_stage(tmp_
     stop_first = True
     result = run_stages(settings, tmp_path / "b", run, "tpe", (None, None), None, None, "s", (), None)
     assert len(calls) == 1 and list(result["stages"]) == ["block"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_coarse_to_fine_on_every_family(family, tmp_path, tiny_tokenizer, tiny_calib_file):
+    model_dir = saved_tiny_model(tmp_path / family, tiny_tokenizer, family)
+    out = tmp_path / "run"
+    assert main(search_argv(model_dir, tiny_calib_file, out, "--granularity", "block,projection", "--select-top", "0",
+                            trials=8)) == 0
+    fine = _trials(out / "projection")
+    names = layout(AutoModelForCausalLM.from_pretrained(model_dir)).projection_names()
+    assert [c[2:-1] for c in fine.columns if c.startswith("s[")] == names  # fused QKV is one unit
+    block_best = json.loads((out / "block" / "best_config.json").read_text())["meta"]["fitness"]
+    start = fine.query("label == 'start:best_config.json'").fitness.iloc[0]
+    assert start == pytest.approx(block_best, rel=1e-6)  # Wanda's masks are per projection: the same model
+    assert json.loads((out / "projection" / "best_config.json").read_text())["meta"]["fitness"] <= start
