@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--space width or both: importance of heads and channels (default: flap)")
     p.add_argument("--pattern", default="unstructured", help="unstructured | N:M (layers get k:M levels)")
     p.add_argument("--granularity", default="block", choices=["block", "projection", "block,projection"],
+                   metavar="block|projection|block,projection",
                    help="one sparsity per block (default) or per projection; block,projection: coarse to fine, a "
                         "block search, then a projection search started from its answer (evo unless --sampler; "
                         "--trials per stage; OUT/block, OUT/projection)")
