@@ -145,11 +145,16 @@ class FitnessPredictor(RegressorMixin, BaseEstimator):
         """Optimistic fitness, the members' mean − ``kappa`` × their spread, taken on the scale the members are fit
         on (log-fitness for the log target, mapped back): in fitness units a heavy-tailed fitness such as perplexity
         has a spread near its mean, and the bound would favour the most uncertain points over the best."""
+        return self.predict_with_bound(X, kappa)[2]
+
+    def predict_with_bound(self, X: np.ndarray, kappa: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``predict(X, return_std=True)`` and ``lower_bound(X, kappa)`` from one pass over the members."""
         p = self.member_predictions(X)
+        mean, std = p.mean(axis=0), p.std(axis=0)
         if self.target == "log" and self.objective != "pairwise":
             logs = np.log(p)
-            return np.exp(logs.mean(axis=0) - kappa * logs.std(axis=0))
-        return p.mean(axis=0) - kappa * p.std(axis=0)
+            return mean, std, np.exp(logs.mean(axis=0) - kappa * logs.std(axis=0))
+        return mean, std, mean - kappa * std
 
     def save(self, path: Path, feature_spec: dict, training: dict | None = None, metrics: dict | None = None
              ) -> None:

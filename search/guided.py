@@ -148,20 +148,20 @@ class Guide:
                 n_local = int((cfg.local + (1.0 - cfg.local) * share) * cfg.screen)
                 n_smooth = int(round((cfg.screen - n_local) * share))
                 screened = box(space, rng, low, high, cfg.screen - n_local, n_smooth)
-                mean = model.predict(features(screened, rec, spec))
+                mean, _, bound = model.predict_with_bound(features(screened, rec, spec), cfg.kappa)
                 incumbent = space.sampled(allocs[int(np.argmin(y))])
                 low, high, sens = narrow(space, space.sampled(screened), mean, incumbent, cfg.quantile,
                                          cfg.insensitive, cfg.margin, cfg.min_width, cfg.spread)
                 near = local(space, rng, space.sampled(allocs[np.argsort(y)[:3]]), low, high, n_local, share > 0)
+                bound = np.concatenate([bound, model.lower_bound(features(near, rec, spec), cfg.kappa)])
                 screened = np.concatenate([screened, near])
-                xs, sources = self._candidates(low, high, r, space.sampled(screened),
-                                               model.lower_bound(features(screened, rec, spec), cfg.kappa))
+                xs, sources = self._candidates(low, high, r, space.sampled(screened), bound)
                 cand = np.array([ws.allocation(x) for x in xs])
-                c_mean, c_std = model.predict(features(cand, rec, spec), return_std=True)
+                c_mean, c_std, c_bound = model.predict_with_bound(features(cand, rec, spec), cfg.kappa)
                 # an allocation measured already would only reuse its fitness: never pick it again
                 known = {allocation_key(a) for a in allocs}
                 repeat = np.array([allocation_key(c) in known for c in cand])
-                lcb = np.where(repeat, np.inf, model.lower_bound(features(cand, rec, spec), cfg.kappa))
+                lcb = np.where(repeat, np.inf, c_bound)
                 n = min(cfg.measure, self._left())
                 chosen = [i for i in distinct_best(space.sampled(cand), lcb, n, cfg.min_width / 2)
                           if np.isfinite(lcb[i])]
