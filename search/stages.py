@@ -9,7 +9,8 @@ against another), no predictor, unless the user names a sampler or ``--predictor
 
 The folder: ``OUT/stages.json`` (which stages, which is final), ``OUT/block/``, ``OUT/projection/`` and the
 caches both share in ``OUT/cache`` (unless ``--cache-dir``). ``final_run`` resolves ``OUT`` to its last stage, so
-``export``, ``report`` and ``realize --run OUT`` read the answer. The same command again resumes both stages.
+``export``, ``report`` and ``realize --run OUT`` read the answer; ``stage_runs`` gives ``predictor retrain`` both
+stages' trials. The same command again resumes both stages.
 """
 
 from __future__ import annotations
@@ -43,6 +44,21 @@ def final_run(folder: str | Path) -> Path:
     if not isinstance(record, dict) or record.get("final") not in STAGES:
         raise UserError(f"{folder / RECORD} is not a coarse-to-fine record (no final stage)")
     return folder / record["final"]
+
+
+def stage_runs(folder: str | Path) -> list[Path]:
+    """A run folder as given; a coarse-to-fine folder's stages that hold trials, coarse first.
+
+    Both stages measure the same fitness on the same tokens and predictor features resample every profile to
+    depth bins, so their trials are pairs of one kind: a predictor learns from both."""
+    folder = Path(folder)
+    if not is_staged(folder):
+        return [folder]
+    final_run(folder)  # the record must be readable
+    runs = [folder / stage for stage in STAGES if (folder / stage / "trials.parquet").is_file()]
+    if not runs:
+        raise UserError(f"{folder} is a coarse-to-fine folder with no finished stage yet: run its search first")
+    return runs
 
 
 def check_folder(out: Path) -> None:

@@ -63,6 +63,17 @@ def test_one_command_equals_the_two_command_coarse_to_fine(tiny_llama_dir, tiny_
     chosen = json.loads((staged / "projection" / "best_config.json").read_text())
     assert exported["sparsity"] == chosen["sparsity"] and set(exported["sparsity"]) == set(lay.projection_names())
 
+    # the predictor learns from both stages' trials (one fitness, features per depth bin) and scores on them
+    pred = tmp_path / "pred"
+    assert main(["predictor", "retrain", "--from", str(staged), "--out", str(pred), "--folds", "2",
+                 "--members", "2"]) == 0
+    training = json.loads((pred / "predictor.json").read_text())["training"]
+    assert training["runs"] == [str(staged / "block"), str(staged / "projection")]
+    measured = sum(len(t.query("state == 'COMPLETE' and fitness == fitness and duplicate_of != duplicate_of"))
+                   for t in map(_trials, (staged / "block", staged / "projection")))
+    assert training["pairs"] == measured > 8
+    assert main(["predictor", "evaluate", "--predictor", str(pred), "--on", str(staged)]) == 0
+
 
 def test_the_stages_share_a_time_budget_and_stop_after_an_interrupted_stage(tmp_path):
     calls = []
