@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from prunesearch.cache import cache_dir
-from prunesearch.data import C4_TRAIN_DOCS, bundled_c4_documents, bundled_wikitext2_test
+from prunesearch.sources import C4_TRAIN_DOCS, bundled_c4_documents, bundled_wikitext2_test
 from prunesearch.evaluate import perplexity
 from prunesearch.safety import UserError
 

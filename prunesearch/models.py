@@ -9,7 +9,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunesearch import gguf_source
-from prunesearch.data import hub_reachable
+from prunesearch.sources import hub_reachable
 from prunesearch.safety import UserError, check_finite, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -93,11 +93,11 @@ def width_target(section: dict, meta: dict) -> tuple[Callable, dict]:
 
 def check_eval_data(names: list[str], data_dir: str | None) -> None:
     """Refuse, before any pruning, report datasets that are not available here."""
-    from prunesearch import data
+    from prunesearch import sources
 
     for name in names:
-        if name in data.NAMES:
-            missing = data.describe(name, data_dir)["evaluation"].get("unavailable")
+        if name in sources.NAMES:
+            missing = sources.describe(name, data_dir)["evaluation"].get("unavailable")
             if missing:
                 raise UserError(missing)
 

@@ -255,7 +255,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], data_dir: str | Path | No
         manager, context = TaskManager(include_defaults=False), _offline()
         protocol |= {"source": f"local:{Path(data_dir).expanduser().resolve()}", "task_dir": str(task_dir(data_dir))}
     else:
-        from prunesearch.data import hub_reachable
+        from prunesearch.sources import hub_reachable
 
         if not hub_reachable():
             raise UserError("zero-shot tasks need a data_dir (or PRUNESEARCH_DATA_DIR) with the offline task files, "

@@ -99,7 +99,7 @@ class SearchSettings:
             raise UserError(f"search pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}{why}")
         if self.stats_inputs not in STATS_INPUTS:
             raise UserError(f"--stats-inputs must be one of {', '.join(STATS_INPUTS)}, got {self.stats_inputs!r}")
-        from prunesearch.data import NAMES
+        from prunesearch.sources import NAMES
 
         if self.fitness_data not in NAMES:
             raise UserError(f"--fitness-data must be one of {', '.join(NAMES)}, got {self.fitness_data!r}")

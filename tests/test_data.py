@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from prunesearch import data
+from prunesearch import data, sources
 from prunesearch.safety import UserError
 
 WORDS = ("pruning sparse weight layer model token search budget error sample window calibration held out "
@@ -81,7 +81,7 @@ def data_dir(tmp_path):
 
 
 def test_bundled_c4_calibration_follows_the_reference_rule(tiny_tokenizer):
-    docs = data.bundled_c4_documents()
+    docs = sources.bundled_c4_documents()
     ids = data.calibration_ids(tiny_tokenizer, "c4", nsamples=6, seqlen=64, seed=3)
     assert ids.shape == (6, 64) and ids.dtype == torch.long
     assert torch.equal(ids, reference_document_windows(tiny_tokenizer, docs[:900], 6, 64, 3))
@@ -92,7 +92,7 @@ def test_bundled_c4_calibration_follows_the_reference_rule(tiny_tokenizer):
 
 
 def test_heldout_windows_come_only_from_documents_900_to_949(tiny_tokenizer):
-    docs = [encode(tiny_tokenizer, t) for t in data.bundled_c4_documents()]
+    docs = [encode(tiny_tokenizer, t) for t in sources.bundled_c4_documents()]
     held = data.heldout_ids(tiny_tokenizer, nsamples=8, seqlen=48, seed=0)
     calib = data.calibration_ids(tiny_tokenizer, "c4", nsamples=8, seqlen=48, seed=0)
     assert held.shape == (8, 48)
@@ -106,10 +106,10 @@ def test_heldout_windows_come_only_from_documents_900_to_949(tiny_tokenizer):
 
 def test_bundled_evaluation_streams_are_the_reference_texts(tiny_tokenizer):
     wiki = data.eval_ids(tiny_tokenizer, "wikitext2")
-    with gzip.open(data.BUNDLED_WIKITEXT2_TEST, "rt", encoding="utf-8") as f:
+    with gzip.open(sources.BUNDLED_WIKITEXT2_TEST, "rt", encoding="utf-8") as f:
         assert wiki.tolist() == [encode(tiny_tokenizer, f.read())]
     c4 = data.eval_ids(tiny_tokenizer, "c4")
-    assert c4.tolist() == [encode(tiny_tokenizer, " ".join(data.bundled_c4_documents()[950:]))]
+    assert c4.tolist() == [encode(tiny_tokenizer, " ".join(sources.bundled_c4_documents()[950:]))]
     assert data.describe("c4")["evaluation"]["split"].endswith("documents 950-999")
 
 
@@ -156,8 +156,8 @@ def test_data_folder_is_used_first(tiny_tokenizer, data_dir, monkeypatch):
     assert record["calibration"]["origin"] == record["evaluation"]["origin"] == "data_dir"
     assert record["calibration"]["file"].endswith("wikitext2_validation.txt")
     assert record["evaluation"]["file"].endswith("wikitext-test.txt")
-    assert data.resolve_data_dir(None) == data_dir
-    assert data.resolve_data_dir(data_dir / "c4_sample") == data_dir / "c4_sample"
+    assert sources.resolve_data_dir(None) == data_dir
+    assert sources.resolve_data_dir(data_dir / "c4_sample") == data_dir / "c4_sample"
 
 
 def test_folder_without_a_file_falls_back_to_bundled(tiny_tokenizer, tmp_path):
@@ -194,13 +194,13 @@ def test_hub_sources_follow_the_reference(tiny_tokenizer, monkeypatch):
     def load_dataset(name, config=None, split=None, data_files=None):
         calls.append((name, config, split, data_files))
         if name == "allenai/c4":
-            assert data_files == {split: data.HUB_C4[1][split]}
+            assert data_files == {split: sources.HUB_C4[1][split]}
             return FakeDataset("text", validation if split == "validation" else synthetic_documents(50, 12))
         if name == "wikitext":
             return FakeDataset("text", ["a", "", "b"])
         return FakeDataset("sentence", ["x y", "z"])
 
-    monkeypatch.setattr(data, "hub_reachable", lambda: True)
+    monkeypatch.setattr(sources, "hub_reachable", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     ids = data.eval_ids(tiny_tokenizer, "c4")
     assert ids.tolist() == [encode(tiny_tokenizer, " ".join(validation[:1100]))]
@@ -239,7 +239,7 @@ def test_token_cache_is_reused_and_keyed_by_tokenizer_and_file(tiny_tokenizer, t
     other.train_from_iterator(WORDS, trainer=trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     other = PreTrainedTokenizerFast(tokenizer_object=other, eos_token="<|endoftext|>")
-    assert data.eval_ids(other, "c4").tolist() == [encode(other, " ".join(data.bundled_c4_documents()[950:]))]
+    assert data.eval_ids(other, "c4").tolist() == [encode(other, " ".join(sources.bundled_c4_documents()[950:]))]
 
 
 @pytest.mark.parametrize("call,error,message", [
@@ -289,20 +289,20 @@ def test_hub_probe_is_skipped_offline_and_done_once(monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(socket, "create_connection", refuse)
-    data._probe_hub.cache_clear()
+    sources._probe_hub.cache_clear()
     try:
-        for flag in data.OFFLINE_ENV:
-            for other in data.OFFLINE_ENV:
+        for flag in sources.OFFLINE_ENV:
+            for other in sources.OFFLINE_ENV:
                 monkeypatch.delenv(other, raising=False)
             monkeypatch.setenv(flag, "1")
-            assert data.hub_reachable() is False
+            assert sources.hub_reachable() is False
         assert probes == []
-        for other in data.OFFLINE_ENV:
+        for other in sources.OFFLINE_ENV:
             monkeypatch.delenv(other, raising=False)
-        assert data.hub_reachable() is False and data.hub_reachable() is False
+        assert sources.hub_reachable() is False and sources.hub_reachable() is False
         assert probes == [(("huggingface.co", 443),)]
     finally:
-        data._probe_hub.cache_clear()
+        sources._probe_hub.cache_clear()
 
 
 def test_search_fitness_on_a_validation_split_never_the_test_split(tiny_tokenizer, data_dir, tmp_path):
