@@ -66,10 +66,35 @@ def kind_groups(space) -> list[np.ndarray]:
     return groups if len(groups) > 1 and len({len(g) for g in groups}) == 1 else []
 
 
+DROP = 0.1  # share of children that are block drops, in sparsity spaces
+
+
+def drop_share(space) -> float:
+    """How often a child is a block drop: ``DROP`` in a sparsity space; never in width spaces, whose values are
+    kept shares (removing a block there is the width search's own business)."""
+    return DROP if isinstance(space, Space) else 0.0
+
+
+def drop_block(space: Space, rng: np.random.Generator, parent: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """A child with every unit of one random block at the top of its range (``high``) and the weights it frees
+    spread evenly over the other units, so the budget holds (a later projection changes nothing unless that shift
+    crosses a bound). On SmolLM2-135M at 70%, nearly removing block 14 or 15 of ATP 0.3 this way lowered its KL by
+    0.07 nats: one move, which per-unit switches and depth waves reach only by chance
+    (``results/benchmarks/block_drops-smollm2-wanda-70.md``)."""
+    child = np.array(parent, dtype=np.float64)
+    blocks = np.asarray(space.blocks)
+    chosen = blocks == rng.choice(np.unique(blocks))
+    child[chosen] = np.broadcast_to(high, child.shape)[chosen]
+    w = space.sizes / space.sizes.sum()
+    child[~chosen] += (space.target - child @ w) / w[~chosen].sum()
+    return child
+
+
 def mutate(space, rng: np.random.Generator, parent: np.ndarray, step: float = 0.02, max_moves: int = 3,
            wave: float = 0.5, wave_amplitude: float = 0.05, low=None, high=None,
            kinds: list[np.ndarray] | None = None) -> np.ndarray:
-    """One child of a sampled point: with probability ``wave`` one depth wave (off the budget: project it) — or, in
+    """One child of a sampled point: with probability ``drop_share`` a block drop (``drop_block``, off the budget);
+    else with probability ``wave`` one depth wave (off the budget: project it) — or, in
     a projection-level space, half the time a kind shift: one kind of projection a level up in every block and
     another a level down, the same weights moved (``kind_groups``) — else 1 to ``max_moves`` level switches
     between random pairs of units inside the bounds (default the space's), each moving ``step`` × the mean unit
@@ -77,6 +102,11 @@ def mutate(space, rng: np.random.Generator, parent: np.ndarray, step: float = 0.
     caller that draws many children of one space."""
     child = np.array(parent, dtype=np.float64)
     delta = step * space.sizes.mean() / space.sizes
+    lo = np.broadcast_to(space.low if low is None else low, child.shape)
+    hi = np.broadcast_to(space.high if high is None else high, child.shape)
+    share = drop_share(space)
+    if share and rng.random() < share:
+        return drop_block(space, rng, child, hi)
     if rng.random() < wave:
         groups = kind_groups(space) if kinds is None else kinds
         if groups and rng.random() < 0.5:
@@ -85,8 +115,6 @@ def mutate(space, rng: np.random.Generator, parent: np.ndarray, step: float = 0.
             child[groups[down]] -= delta[groups[down]]
             return child
         return parent + depth_waves(space, rng, 1, wave_amplitude)[0]
-    lo = np.broadcast_to(space.low if low is None else low, child.shape)
-    hi = np.broadcast_to(space.high if high is None else high, child.shape)
     for _ in range(rng.integers(1, max_moves + 1)):
         for _attempt in range(20):
             a, b = rng.choice(space.dim, size=2, replace=False)
@@ -100,11 +128,12 @@ def mutate(space, rng: np.random.Generator, parent: np.ndarray, step: float = 0.
 class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
     """(1+λ) evolution whose mutations keep the budget: EvoPress's level switch made continuous, plus smooth moves.
 
-    Each child starts from the best completed allocation. With probability ``wave`` it is bent by one depth wave
-    (``depth_waves``, amplitude ``wave_amplitude``) and projected back onto the budget; otherwise it gets 1-3
-    level switches: a switch prunes ``step`` × the mean unit size more weights in one unit and as many fewer in
-    another (one level of the equal-nonzero grid, ``Space.level_steps``), so the child meets the budget exactly
-    without projection. A child that was measured already is redrawn (up to 20 times).
+    Each child starts from the best completed allocation. A tenth are block drops (``drop_block``: one block at
+    the top of its range, projected back onto the budget). Of the rest, with probability ``wave`` a child is bent
+    by one depth wave (``depth_waves``, amplitude ``wave_amplitude``) and projected back onto the budget; else it
+    gets 1-3 level switches: a switch prunes ``step`` × the mean unit size more weights in one unit and as many
+    fewer in another (one level of the equal-nonzero grid, ``Space.level_steps``), so the child meets the budget
+    exactly without projection. A child that was measured already is redrawn (up to 20 times).
     """
 
     def __init__(self, space: Space, step: float = 0.02, max_moves: int = 3, seed: int | None = None,

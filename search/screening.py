@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from search.samplers import depth_waves, kind_groups, mutate, smooth_profiles
+from search.samplers import depth_waves, drop_block, drop_share, kind_groups, mutate, smooth_profiles
 
 
 def smooth_share(space) -> float:
@@ -28,9 +28,9 @@ def local(space, rng: np.random.Generator, best: np.ndarray, low: np.ndarray, hi
           evolve: bool = False) -> np.ndarray:
     """``n`` on-budget perturbations of the best measured allocations (given as sampled points): half per unit
     (σ = a tenth of each unit's bounds), half smooth along depth (``depth_waves``, amplitude a tenth of the mean
-    bound width); with ``evolve`` the budget-neutral evolution's small moves instead (``samplers.mutate``: a depth
-    wave or a few level switches), so the predictor screens thousands of children where the evolution would measure
-    them one by one."""
+    bound width), a ``drop_share`` of them block drops (``drop_block``); with ``evolve`` the budget-neutral
+    evolution's moves instead (``samplers.mutate``: a block drop, a depth wave or a few level switches), so the
+    predictor screens thousands of children where the evolution would measure them one by one."""
     if n == 0:
         return np.empty((0, space.dim))
     centres = best[rng.integers(0, len(best), n)]
@@ -41,7 +41,11 @@ def local(space, rng: np.random.Generator, best: np.ndarray, low: np.ndarray, hi
     noise = rng.normal(size=centres.shape) * 0.1 * (high - low)
     waves = depth_waves(space, rng, n, 0.1 * float(np.mean(high - low)))
     smooth = np.arange(n) % 2 == 1
-    return space.project_many(np.clip(centres + np.where(smooth[:, None], waves, noise), low, high))
+    children = centres + np.where(smooth[:, None], waves, noise)
+    share = drop_share(space)
+    for i in np.nonzero(rng.random(n) < share)[0] if share else ():
+        children[i] = drop_block(space, rng, centres[i], high)
+    return space.project_many(np.clip(children, low, high))
 
 
 def narrow(space, allocs: np.ndarray, predicted: np.ndarray, incumbent: np.ndarray,

@@ -166,6 +166,39 @@ def test_depth_waves_bend_whole_blocks_and_wave_children_stay_on_budget():
         np.testing.assert_allclose(child.reshape(6, 3), child.reshape(6, 3)[:, :1].repeat(3, axis=1), atol=1e-9)
 
 
+def test_block_drops_put_one_whole_block_at_its_top_on_budget_at_the_drop_share():
+    from search.samplers import DROP, BudgetNeutralEvolution, drop_block
+    from search.screening import local
+
+    blocks = tuple(b for b in range(6) for _ in range(3))  # 6 blocks of 3 projections each
+    sizes = np.array([4, 1, 2] * 6, dtype=np.float64)
+    space = Space(tuple(f"{b}.{i}" for b in range(6) for i in range(3)), sizes, 0.6, 0.25, 0.95,
+                  tuple((f"{b}.{i}",) for b in range(6) for i in range(3)), blocks)
+    rng = np.random.default_rng(0)
+    parent = uniform(space)
+
+    def dropped(x: np.ndarray) -> np.ndarray:
+        return np.isclose(x, 0.95).reshape(6, 3).all(axis=1)
+
+    seen = set()
+    for _ in range(40):
+        child = drop_block(space, rng, parent, np.full(18, 0.95))
+        assert space.mean(child) == pytest.approx(0.6, abs=1e-12)
+        np.testing.assert_allclose(space.project(child), child, atol=1e-12)  # already on budget
+        assert dropped(child).sum() == 1 and np.isclose(child, 0.95).sum() == 3
+        rest = child[~np.isclose(child, 0.95)]
+        np.testing.assert_allclose(rest, 0.6 - 0.35 * 7 / 35)  # the freed weights spread evenly: 7 of 42 at +0.35
+        seen.add(int(np.argmax(dropped(child))))
+    assert seen == set(range(6))
+
+    evo = BudgetNeutralEvolution(space, seed=0, wave=0.0)
+    share = np.mean([dropped(evo._mutate(parent)).any() for _ in range(1000)])
+    assert abs(share - DROP) < 0.03
+    near = local(space, rng, parent[None], np.full(18, 0.25), np.full(18, 0.95), 2000)
+    assert abs(np.mean([dropped(x).any() for x in near]) - DROP) < 0.02
+    assert np.all([space.mean(x) == pytest.approx(0.6, abs=1e-9) for x in near])
+
+
 def test_smooth_profiles_stay_in_the_box_and_follow_depth():
     from search.samplers import smooth_profiles
 
