@@ -93,7 +93,7 @@ def drop_block(space: Space, rng: np.random.Generator, parent: np.ndarray, high:
 def mutate(space, rng: np.random.Generator, parent: np.ndarray, step: float = 0.02, max_moves: int = 3,
            wave: float = 0.5, wave_amplitude: float = 0.05, low=None, high=None,
            kinds: list[np.ndarray] | None = None) -> np.ndarray:
-    """One child of a sampled point: with probability ``drop_share`` a block drop (``drop_block``, off the budget);
+    """One child of a sampled point: with probability ``drop_share`` a block drop (``drop_block``, on the budget);
     else with probability ``wave`` one depth wave (off the budget: project it) — or, in
     a projection-level space, half the time a kind shift: one kind of projection a level up in every block and
     another a level down, the same weights moved (``kind_groups``) — else 1 to ``max_moves`` level switches
@@ -129,7 +129,7 @@ class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
     """(1+λ) evolution whose mutations keep the budget: EvoPress's level switch made continuous, plus smooth moves.
 
     Each child starts from the best completed allocation. A tenth are block drops (``drop_block``: one block at
-    the top of its range, projected back onto the budget). Of the rest, with probability ``wave`` a child is bent
+    the top of its range, the weights it frees spread evenly over the others). Of the rest, with probability ``wave`` a child is bent
     by one depth wave (``depth_waves``, amplitude ``wave_amplitude``) and projected back onto the budget; else it
     gets 1-3 level switches: a switch prunes ``step`` × the mean unit size more weights in one unit and as many
     fewer in another (one level of the equal-nonzero grid, ``Space.level_steps``), so the child meets the budget
