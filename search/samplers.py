@@ -131,9 +131,9 @@ class BudgetNeutralEvolution(optuna.samplers.BaseSampler):
     Each child starts from the best completed allocation. A tenth are block drops (``drop_block``: one block at
     the top of its range, the weights it frees spread evenly over the others). Of the rest, with probability
     ``wave`` a child is bent by one depth wave (``depth_waves``, amplitude ``wave_amplitude``) and projected back
-    onto the budget; else it gets 1-3 level switches: a switch prunes ``step`` × the mean unit size more weights in one unit and as many
-    fewer in another (one level of the equal-nonzero grid, ``Space.level_steps``), so the child meets the budget
-    exactly without projection. A child that was measured already is redrawn (up to 20 times).
+    onto the budget; else it gets 1-3 level switches: a switch prunes ``step`` × the mean unit size more weights
+    in one unit and as many fewer in another (one level of the equal-nonzero grid, ``Space.level_steps``), so the
+    child meets the budget exactly without projection. A child that was measured already is redrawn (up to 20 times).
     """
 
     def __init__(self, space: Space, step: float = 0.02, max_moves: int = 3, seed: int | None = None,
