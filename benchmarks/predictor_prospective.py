@@ -69,8 +69,8 @@ def main() -> None:
         cells = [f"{taus[n]:.2f}" if n in taus else "–" for n in sizes]
         lines.append(f"| {os.path.relpath(run, root)} | {g.sampler.iloc[0]} | {g.granularity.iloc[0]} | "
                      + " | ".join(cells) + f" | {g.next_std.iloc[0]:.4f} |")
-    lines += ["", f"Runs under `{root}`. Mean τ by sampler: " + ", ".join(f"{s} {v:.2f}" for s, v in frame.groupby("sampler").tau.mean()
-                                                    .items()), ""]
+    means = frame.groupby("sampler").tau.mean()
+    lines += ["", f"Runs under `{root}`. Mean τ by sampler: " + ", ".join(f"{s} {v:.2f}" for s, v in means.items()), ""]
     out.write_text("\n".join(lines))
     print("\n".join(lines))
 
