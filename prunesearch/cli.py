@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a per-layer sparsity config (JSON/YAML, such as an earlier run's best_config.json) "
                         "measured first beside the heuristic seeds, fitted to this budget and granularity: a "
                         "block-level answer starts a --granularity projection search (repeatable)")
+    p.add_argument("--drop-scan", default="auto", choices=["auto", "on", "off"],
+                   help="after the seeds, measure the best seed with each block in turn nearly removed (at the top "
+                        "of its range, its weights spread over the others), then the best few drops together: one "
+                        "trial per block plus at most 7 (default auto: single-budget sparsity searches that do not "
+                        "start from an --enqueue config, when it takes at most half the trials left)")
     p.add_argument("--fitness", default="kl", choices=["kl", "ppl"], help="KL to the dense model (default) or "
                                                                          "perplexity, on the --fitness-data tokens")
     p.add_argument("--min-sparsity", type=float, help="lower bound per unit (default: budget - 0.35)")

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from prunesearch.files import atomic_json, atomic_path
 from search import faults
-from search.samplers import param_name
+from search.samplers import param_name, trial_label
 from search.selection import Selection, select
 from search.settings import LEVEL_PARAM
 from search.workspace import Workspace
@@ -42,7 +42,7 @@ def trials_frame(study: optuna.Study, ws: Workspace):
     }
     rows = []
     for t in study.get_trials(deepcopy=False):
-        row = {"number": t.number, "state": t.state.name, "label": t.user_attrs.get("seed", s.sampler),
+        row = {"number": t.number, "state": t.state.name, "label": trial_label(t, s.sampler),
                "guide": t.user_attrs.get("guide"), "duplicate_of": t.user_attrs.get("duplicate_of"),
                "fail_reason": t.user_attrs.get(faults.FAIL_REASON), "worker": t.user_attrs.get("worker"),
                "fitness": t.values[0] if t.values else None,
@@ -91,7 +91,7 @@ def _config(ws: Workspace, t: optuna.trial.FrozenTrial) -> dict:
     """A trial's allocation as a ``prunesearch prune --config`` file, with the protocol of its fitness."""
     s = ws.settings
     meta = {"fitness": t.values[0], "fitness_kind": s.fitness, "trial": t.number,
-            "label": t.user_attrs.get("seed", s.sampler), "budget": s.budget,
+            "label": trial_label(t, s.sampler), "budget": s.budget,
             "budget_sparsity": t.user_attrs["budget_sparsity"], "pruner": s.pruner, "model": ws.source,
             "model_protocol": ws.model_protocol, "granularity": s.granularity, "seqlen": ws.seqlen, "fitness_data": ws.heldout_protocol,
             "fitness_samples": s.fitness_samples, "calib": ws.calib_protocol, "nsamples": s.nsamples,
@@ -164,7 +164,7 @@ def _front(study: optuna.Study, ws: Workspace, out: Path, seeds: dict, report_pp
         for t in front:
             name = f"sparsity-{t.values[1]:.4f}-trial{t.number}.json"
             (folder / name).write_text(json.dumps(_config(ws, t), indent=2))
-            rows.append({"trial": t.number, "label": t.user_attrs.get("seed", ws.settings.sampler),
+            rows.append({"trial": t.number, "label": trial_label(t, ws.settings.sampler),
                          "sparsity": t.values[1], "nonzero_params": ws.nonzero_params(_alloc(t)),
                          "fitness": t.values[0], "config": f"pareto/{name}"})
     with atomic_path(out / "pareto.csv") as tmp:

@@ -16,6 +16,16 @@ def param_name(unit: str) -> str:
     return f"x[{unit}]"
 
 
+SCAN = "drop-scan"  # the ``guide`` attribute of the block-drop scan's trials: drop-scan/block-K, drop-scan/top-K
+
+
+def trial_label(trial, sampler: str) -> str:
+    """Who proposed a trial: its heuristic seed's label, the block-drop scan's name (``drop-scan/top-2``,
+    ``search.drops``), else the run's sampler."""
+    guide = str(trial.user_attrs.get("guide", ""))
+    return trial.user_attrs.get("seed") or (guide if guide.startswith(SCAN + "/") else sampler)
+
+
 def allocation_key(alloc) -> tuple[float, ...]:
     """An allocation rounded to 1e-9, so equal allocations compare equal despite float noise."""
     return tuple(np.round(np.asarray(alloc, dtype=np.float64), 9).tolist())
@@ -75,19 +85,23 @@ def drop_share(space) -> float:
     return DROP if isinstance(space, Space) else 0.0
 
 
-def drop_block(space: Space, rng: np.random.Generator, parent: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """A child with every unit of one random block at the top of its range (``high``) and the weights it frees
-    spread evenly over the other units, so the budget holds (a later projection changes nothing unless that shift
-    crosses a bound). On SmolLM2-135M at 70%, nearly removing block 14 or 15 of ATP 0.3 this way lowered its KL by
-    0.07 nats: one move, which per-unit switches and depth waves reach only by chance
-    (``results/benchmarks/block_drops-smollm2-wanda-70.md``)."""
+def drop_blocks(space: Space, parent: np.ndarray, blocks, high) -> np.ndarray:
+    """``parent`` with every unit of the given ``blocks`` at the top of its range (``high``) and the weights this
+    frees spread evenly over the other units, so the budget holds (a later projection changes nothing unless that
+    shift crosses a bound)."""
     child = np.array(parent, dtype=np.float64)
-    blocks = np.asarray(space.blocks)
-    chosen = blocks == rng.choice(np.unique(blocks))
+    chosen = np.isin(np.asarray(space.blocks), list(blocks))
     child[chosen] = np.broadcast_to(high, child.shape)[chosen]
     w = space.sizes / space.sizes.sum()
     child[~chosen] += (space.target - child @ w) / w[~chosen].sum()
     return child
+
+
+def drop_block(space: Space, rng: np.random.Generator, parent: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """A child with one random block dropped (``drop_blocks``). On SmolLM2-135M at 70%, nearly removing block 14
+    or 15 of ATP 0.3 this way lowered its KL by 0.07 nats: one move, which per-unit switches and depth waves reach
+    only by chance (``results/benchmarks/block_drops-smollm2-wanda-70.md``)."""
+    return drop_blocks(space, parent, [rng.choice(np.unique(space.blocks))], high)
 
 
 def mutate(space, rng: np.random.Generator, parent: np.ndarray, step: float = 0.02, max_moves: int = 3,

@@ -21,6 +21,7 @@ import optuna
 
 from prunesearch.files import atomic_json, read_json
 from prunesearch.safety import UserError
+from search.samplers import trial_label
 
 # Finalists and fresh windows when the user gives none (as ``search.settings.EFFORT``): a real model on CPU realizes
 # each finalist for real (75-90 s each with SparseGPT on SmolLM2-135M), so it gets fewer of both.
@@ -88,7 +89,7 @@ def select(ws, complete: list[optuna.trial.FrozenTrial], selection: Selection, p
             scores[t.number] = {"fitness": value, "wall_s": time.perf_counter() - start}
             atomic_json(path, {"protocol": protocol, "scores": scores})  # a killed finish keeps what it measured
         ws.reset()
-    rows = [{"trial": t.number, "label": t.user_attrs.get("seed", s.sampler), "search_fitness": t.value,
+    rows = [{"trial": t.number, "label": trial_label(t, s.sampler), "search_fitness": t.value,
              "selection_fitness": scores[t.number]["fitness"], "wall_s": scores[t.number]["wall_s"]} for t in chosen]
     record = {"protocol": {"top": selection.top, **protocol}, "finalists": rows,
               "chosen": min(rows, key=lambda r: r["selection_fitness"])["trial"]}

@@ -17,6 +17,7 @@ LEVEL_PARAM = "budget_level"  # a multi-objective trial's budget: level k of RAN
 RANGE_LEVELS = 20
 PRUNERS = tuple(names(searchable=True))
 SPACES = ("sparsity", "width", "both")
+DROP_SCAN = ("auto", "on", "off")
 # Where the pruner's statistics for the search's ranks or level database come from: the dense model's inputs to
 # every block, or inputs through the earlier blocks pruned uniformly at the budget (as realizing sees them). The
 # default depends on the realizer, as measured on SmolLM2-135M at 70% (README): the SparseGPT level database reads
@@ -72,6 +73,7 @@ class SearchSettings:
     stats_inputs: str | None = None  # None: the realizer's default (DEFAULT_STATS_INPUTS)
     fitness_data: str = "c4"  # the held-out text of the fitness: C4 documents, or a WikiText-2 / PTB validation split
     enqueue: list[str] = field(default_factory=list)  # sparsity configs measured first, beside the heuristic seeds
+    drop_scan: str = "auto"  # search.drops: on, off, or auto (single-budget sparsity searches without --enqueue)
 
     def __post_init__(self):
         self.enqueue = [str(Path(c).resolve()) for c in self.enqueue]  # a resumed run finds them from any folder
@@ -103,6 +105,8 @@ class SearchSettings:
 
         if self.fitness_data not in NAMES:
             raise UserError(f"--fitness-data must be one of {', '.join(NAMES)}, got {self.fitness_data!r}")
+        if self.drop_scan not in DROP_SCAN:
+            raise UserError(f"--drop-scan must be one of {', '.join(DROP_SCAN)}, got {self.drop_scan!r}")
         if not 0 < self.level_step < 1:
             raise UserError(f"level step must be in (0, 1), got {self.level_step}")
         from search.fitness import KINDS
@@ -111,6 +115,9 @@ class SearchSettings:
             raise UserError(f"fitness must be one of {', '.join(KINDS)}, got {self.fitness!r}")
         if not 0 < self.low_fidelity_samples <= self.fitness_samples:
             raise UserError("need 0 < low-fidelity samples <= fitness samples")
+        if self.drop_scan == "on" and (self.multi_objective or self.space != "sparsity"):
+            raise UserError("--drop-scan on scans one budget of the sparsity space; a budget range and --space "
+                            "width or both take --drop-scan off or auto")
         if self.multi_objective and self.sampler == "evo":
             raise UserError("the evolutionary sampler keeps one budget; a budget range needs nsga2, tpe or qmc")
         if self.multi_objective and self.realizer == "levels":

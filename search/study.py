@@ -24,6 +24,7 @@ from search.samplers import make_sampler, param_name
 from search.selection import Selection
 from search.settings import LEVEL_PARAM, RANGE_LEVELS, SearchSettings
 from search.both_workspace import BothWorkspace
+from search.drops import drop_scan, scan_applies
 from search.space import Space
 from search.width_workspace import WidthWorkspace
 from search.workspace import Workspace
@@ -215,6 +216,8 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
         enqueue_seeds(study, ws, requeue_running=storage is None, storage=storage)
         rule = faults.stop_rule(ws, trials, time.time() + time_budget if time_budget else None)
         deadline = rule.deadline
+        if scan_applies(settings, ws.space):  # before other workers start: they would take the queued scan
+            drop_scan(study, ws, rule, storage, progress)
         procs = []
         interrupted = False
         if workers > 1:

@@ -1,0 +1,134 @@
+"""The block-drop scan (``search.drops``): after the seeds, every block of the best seed nearly removed in turn, then
+the improving drops together; measured in full, labelled, resumable, and off where it does not apply."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from conftest import search_argv
+from prunesearch.cli import main
+from search.drops import drop_scan
+from search.faults import StopRule
+from search.samplers import drop_blocks, param_name
+from search.space import Space
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path / "cache"))
+
+
+def test_drop_blocks_sends_blocks_to_the_top_and_keeps_the_budget():
+    space = Space(units=tuple(f"u{i}" for i in range(6)), members=tuple((f"u{i}",) for i in range(6)),
+                  sizes=np.array([1.0, 2.0, 1.0, 2.0, 1.0, 2.0]), blocks=(0, 0, 1, 1, 2, 2), target=0.6,
+                  low=0.2, high=0.95)
+    parent = np.full(6, 0.6)
+    child = drop_blocks(space, parent, [1], 0.95)
+    assert child[2:4] == pytest.approx([0.95, 0.95])
+    # 0.35 of 3 weights freed, spread over the other 6 weights: each other unit 0.175 lower
+    assert child[[0, 1, 4, 5]] == pytest.approx([0.425] * 4)
+    assert child @ space.sizes / space.sizes.sum() == pytest.approx(0.6)
+
+
+class _Linear:
+    """A stand-in workspace whose fitness is linear in the per-block sparsities (weights ``cost``): dropping
+    block b improves it exactly when ``cost[b]`` is below the mean of the others' (equal block sizes)."""
+
+    def __init__(self, out, cost):
+        self.out, self.cost = out, np.asarray(cost, dtype=np.float64)
+        n = len(cost)
+        self.space = Space(units=tuple(map(str, range(n))), members=tuple((str(i),) for i in range(n)),
+                           sizes=np.ones(n), blocks=tuple(range(n)), target=0.6, low=0.3, high=0.95)
+
+    def objective(self, trial) -> float:
+        x = np.array([trial.suggest_float(param_name(u), self.space.low, self.space.high) for u in self.space.units])
+        alloc = self.space.project(x)
+        trial.set_user_attr("allocation", alloc.tolist())
+        return float(self.cost @ alloc)
+
+
+def test_the_scan_combines_the_improving_drops_best_first(tmp_path):
+    ws = _Linear(tmp_path, [3.0, -1.0, 1.0, -2.0, 2.0])
+    study = optuna.create_study()
+    for x in (np.full(5, 0.6), np.array([0.5, 0.7, 0.6, 0.7, 0.5])):
+        study.enqueue_trial({param_name(u): float(v) for u, v in zip(ws.space.units, x)}, user_attrs={"seed": "s"})
+    drop_scan(study, ws, StopRule(trials=40, deadline=None))
+    trials = study.get_trials()
+    base = min(trials[:2], key=lambda t: t.value)
+    by = {t.user_attrs.get("guide"): t for t in trials[2:]}
+    assert sorted(by) == sorted([f"drop-scan/block-{b}" for b in range(5)] + ["drop-scan/top-2"])
+    assert all(t.user_attrs["drop_base"] == base.number for t in by.values())
+    gains = {b: by[f"drop-scan/block-{b}"].value - base.value for b in range(5)}
+    # cost[1] = -1 and cost[3] = -2 lie below the others' means (1 and 1.25): those two improve, block 3 most
+    assert [b for b in sorted(gains, key=gains.get) if gains[b] < 0] == [3, 1]
+    pair = np.array(by["drop-scan/top-2"].user_attrs["allocation"])
+    assert pair[[1, 3]] == pytest.approx([0.95, 0.95]) and pair.mean() == pytest.approx(0.6)
+    assert by["drop-scan/top-2"].value < min(by["drop-scan/block-1"].value, by["drop-scan/block-3"].value)
+    drop_scan(study, ws, StopRule(trials=40, deadline=None))  # resumed: nothing new
+    assert len(study.get_trials()) == len(trials)
+
+
+def _trials(folder) -> pd.DataFrame:
+    return pd.read_parquet(folder / "trials.parquet")
+
+
+def test_the_scan_measures_every_drop_of_the_best_seed_then_the_best_together(tiny_llama_dir, tiny_calib_file,
+                                                                              tmp_path, caplog):
+    out = tmp_path / "run"
+    argv = search_argv(tiny_llama_dir, tiny_calib_file, out, "--select-top", "0", "--sampler", "evo", trials=24)
+    assert main(argv) == 0
+    t = _trials(out)
+    seeds = t[t.label.isin(["uniform", "owl"]) | t.label.str.startswith("atp-")]
+    base = seeds.loc[seeds.fitness.idxmin()]
+    single = t[t.label.str.startswith("drop-scan/block-")]
+    assert sorted(single.label) == [f"drop-scan/block-{b}" for b in range(4)]
+    assert (single.state == "COMPLETE").all() and single.number.min() > seeds.number.max()
+    units = [c for c in t.columns if c.startswith("s[")]
+    for _, row in single.iterrows():  # the dropped block at the bound, the others pruned less, on the budget
+        b = int(row.label.rsplit("-", 1)[1])
+        assert row[f"s[{b}]"] == pytest.approx(0.9)
+        others = [u for u in units if u != f"s[{b}]"]
+        assert (row[others].to_numpy() <= base[others].to_numpy() + 1e-9).all()
+        assert row.budget_sparsity == pytest.approx(0.7)
+    assert (t.label == "evo").sum() == 24 - len(seeds) - len(single) - t.label.str.startswith("drop-scan/top-").sum()
+    best = json.loads((out / "best_config.json").read_text())
+    assert best["meta"]["fitness"] == pytest.approx(t.query("state == 'COMPLETE'").fitness.min())
+
+    # the same command with more trials resumes: the scan is not repeated
+    assert main(argv[:-4] + ["--trials", "28"] + argv[-2:]) == 0
+    again = _trials(out)
+    scan = t.label.str.startswith("drop-scan/").sum()
+    assert len(again) == 28 and again.label.str.startswith("drop-scan/").sum() == scan
+
+
+@pytest.mark.parametrize("extra, why", [
+    (("--drop-scan", "off"), None),
+    (("--enqueue", "START"), None),  # auto: a search started from an earlier answer (coarse to fine's 2nd stage)
+    ((), "drop scan skipped: its 7 trials would take more than half of the 5 left"),
+])
+def test_no_scan_where_it_is_off_or_does_not_fit(extra, why, tiny_llama_dir, tiny_calib_file, tmp_path, caplog):
+    out = tmp_path / "run"
+    trials = 12 if why else 24
+    if "START" in extra:
+        start = tmp_path / "start.json"
+        start.write_text(json.dumps({"sparsity": {str(b): 0.6 + 0.05 * b for b in range(4)}}))
+        extra = ("--enqueue", start)
+    with caplog.at_level(logging.INFO, logger="prunesearch.search"):
+        assert main(search_argv(tiny_llama_dir, tiny_calib_file, out, "--select-top", "0", *extra, trials=trials)) == 0
+    assert not _trials(out).label.str.startswith("drop-scan/").any()
+    if why:
+        assert why in caplog.text
+
+
+def test_drop_scan_on_is_refused_where_it_cannot_apply(tiny_llama_dir, tiny_calib_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = search_argv(tiny_llama_dir, tiny_calib_file, out, "--budget", "sparsity=0.6:0.8", "--drop-scan", "on")
+    assert main(argv) == 2
+    assert "--drop-scan on scans one budget" in capsys.readouterr().err
+    assert not out.exists()
