@@ -79,7 +79,7 @@ def _trials(folder) -> pd.DataFrame:
 
 
 def test_the_scan_measures_every_drop_of_the_best_seed_then_the_best_together(tiny_llama_dir, tiny_calib_file,
-                                                                              tmp_path, caplog):
+                                                                              tmp_path):
     out = tmp_path / "run"
     argv = search_argv(tiny_llama_dir, tiny_calib_file, out, "--select-top", "0", "--sampler", "evo", trials=24)
     assert main(argv) == 0
