@@ -13,11 +13,12 @@ run keeps the Pareto front of fitness against sparsity instead of one best alloc
 The parts, one job each, imports running downward: ``search.settings`` (the study's settings and defaults) ←
 ``search.workspace`` (what one process holds; realize and measure) ← ``search.results`` (trials frame, best
 config or Pareto front, report; ``search.selection`` re-measures the best few pruned for real to pick the answer)
-← ``search.study`` (storage, seeds, workers, resume, ``run_search``). With
+← ``search.study`` (storage, seeds, the block-drop scan of ``search.drops``, workers, resume, ``run_search``). With
 ``--space width`` the workspace is ``search.width_workspace.WidthWorkspace`` (``search.width_space``,
 ``search.width_realizer``), picked by ``open_workspace``. This module re-exports their public names.
 """
 
+from search.drops import drop_scan
 from search.results import finish, trials_frame
 from search.selection import Selection, default_selection
 from search.settings import BOUND_WIDTH, EFFORT, LEVEL_PARAM, PRUNERS, RANGE_LEVELS, SearchSettings, default_effort
@@ -26,6 +27,6 @@ from search.workspace import Workspace
 
 __all__ = [
     "BOUND_WIDTH", "EFFORT", "LEVEL_PARAM", "PRUNERS", "RANGE_LEVELS", "SearchSettings", "Selection", "Workspace",
-    "check_run_folder", "default_effort", "default_selection", "enqueue_seeds", "finish", "open_study",
+    "check_run_folder", "default_effort", "default_selection", "drop_scan", "enqueue_seeds", "finish", "open_study",
     "open_workspace", "optimize", "run_search", "trials_frame",
 ]
