@@ -7,6 +7,7 @@ import os
 import sys
 
 from pruners.methods import METHODS, names
+from search.settings import DROP_SCAN
 from prunesearch import __version__
 from prunesearch.commands.common import UsageError
 from prunesearch.commands.evaluate import cmd_eval
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a per-layer sparsity config (JSON/YAML, such as an earlier run's best_config.json) "
                         "measured first beside the heuristic seeds, fitted to this budget and granularity: a "
                         "block-level answer starts a --granularity projection search (repeatable)")
-    p.add_argument("--drop-scan", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--drop-scan", default="auto", choices=DROP_SCAN,
                    help="after the seeds, measure the best seed with each block in turn nearly removed (at the top "
                         "of its range, its weights spread over the others), then the best few drops together: one "
                         "trial per block plus at most 7 (default auto: single-budget sparsity searches that do not "
