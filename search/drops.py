@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search import faults, storage as storages
-from search.samplers import SCAN as LABEL, drop_blocks, param_name
+from search.samplers import SCAN, drop_blocks, param_name
 from search.space import Space
 
 log = logging.getLogger("prunesearch.search")
@@ -81,7 +81,7 @@ def _drop(space: Space, alloc: np.ndarray, blocks: list[int]) -> np.ndarray:
 
 
 def _scanned(study: optuna.Study) -> bool:
-    return any(str(t.user_attrs.get("guide", "")).startswith(LABEL) for t in study.get_trials(deepcopy=False))
+    return any(str(t.user_attrs.get("guide", "")).startswith(SCAN) for t in study.get_trials(deepcopy=False))
 
 
 def _base(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -100,7 +100,7 @@ def _enqueue(study: optuna.Study, ws, children: dict[str, np.ndarray], base, sto
         present = {t.user_attrs.get("guide") for t in study.get_trials(deepcopy=False)
                    if t.state != TrialState.FAIL or faults.FAIL_REASON in t.user_attrs}
         for name, x in children.items():
-            label = f"{LABEL}/{name}"
+            label = f"{SCAN}/{name}"
             if label not in present:
                 study.enqueue_trial({param_name(u): float(v) for u, v in zip(ws.space.units, x)},
                                     user_attrs={"guide": label, "drop_base": base.number})
@@ -108,8 +108,8 @@ def _enqueue(study: optuna.Study, ws, children: dict[str, np.ndarray], base, sto
 
 def _results(study: optuna.Study, prefix: str) -> dict[str, float]:
     """Fitness of the completed scan trials whose name starts with ``prefix``."""
-    head = f"{LABEL}/{prefix}"
-    return {t.user_attrs["guide"][len(LABEL) + 1:]: t.value
+    head = f"{SCAN}/{prefix}"
+    return {t.user_attrs["guide"][len(SCAN) + 1:]: t.value
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if str(t.user_attrs.get("guide", "")).startswith(head)}
 
