@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "models on CPU: 4)")
     p.add_argument("--select-top", type=int,
                    help="final selection: prune the best K allocations for real and keep the one closest to the "
-                        "dense model on fresh held-out windows (default: 4; other models on CPU: 6, on GPU: 8; 0 "
-                        "keeps the best search fitness; single budgets only)")
+                        "dense model on fresh held-out windows, an --enqueue start among them (default: 4; other "
+                        "models on CPU: 6, on GPU: 8; 0 keeps the best search fitness; single budgets only)")
     p.add_argument("--select-samples", type=int, help="fresh held-out sequences of the final selection (default: 32; "
                                                        "GPU: 64), drawn after the fitness sequences")
     p.add_argument("--report-ppl", default="c4,wikitext2",

@@ -22,6 +22,7 @@ import optuna
 from prunesearch.files import atomic_json, read_json
 from prunesearch.safety import UserError
 from search.samplers import trial_label
+from search.seeds import START
 
 # Finalists and fresh windows when the user gives none (as ``search.settings.EFFORT``): a real model on CPU realizes
 # each finalist for real (75-90 s each with SparseGPT on SmolLM2-135M), so it gets fewer of both.
@@ -49,13 +50,12 @@ def default_selection(builtin: bool, device: str) -> Selection:
 
 
 def finalists(complete: list[optuna.trial.FrozenTrial], top: int) -> list[optuna.trial.FrozenTrial]:
-    """The ``top`` best completed trials by search fitness, one per distinct allocation."""
-    chosen = []
-    for t in sorted((t for t in complete if "duplicate_of" not in t.user_attrs), key=lambda t: t.value):
-        if len(chosen) == top:
-            break
-        chosen.append(t)
-    return chosen
+    """The ``top`` best completed trials by search fitness, one per distinct allocation, then every ``--enqueue``
+    start not among them: an earlier answer (coarse to fine's block answer) is re-measured beside what the search
+    found from it, so a run never ends worse on the fresh windows than where it started."""
+    distinct = sorted((t for t in complete if "duplicate_of" not in t.user_attrs), key=lambda t: t.value)
+    chosen = distinct[:top]
+    return chosen + [t for t in distinct[top:] if str(t.user_attrs.get("seed", "")).startswith(START)]
 
 
 def select(ws, complete: list[optuna.trial.FrozenTrial], selection: Selection, path: Path) -> dict:

@@ -72,3 +72,23 @@ def test_final_selection_on_every_family(family, tmp_path, tiny_tokenizer, tiny_
     rows = summary["selection"]["finalists"]
     assert len(rows) == 2 and all(np.isfinite(r["selection_fitness"]) and r["selection_fitness"] > 0 for r in rows)
     assert summary["best"]["trial"] == min(rows, key=lambda r: r["selection_fitness"])["trial"]
+
+
+def test_an_enqueued_start_is_always_a_finalist(tiny_llama_dir, tiny_calib_file, tmp_path):
+    # a poor start (the deep blocks spared, the first ones pruned hardest) is re-measured beside the search's best
+    ws = Workspace(search_settings(tiny_llama_dir, tiny_calib_file), tmp_path / "ws")
+    n = len(ws.space.units)
+    start = tmp_path / "start.json"
+    start.write_text(json.dumps({"sparsity": {u: 0.9 - 0.6 * i / (n - 1) for i, u in enumerate(ws.space.units)},
+                                 "pattern": "unstructured"}))
+    out = tmp_path / "run"
+    summary = run_search(search_settings(tiny_llama_dir, tiny_calib_file, enqueue=[str(start)]), out, trials=12,
+                         report_ppl=(), progress=False, selection=Selection(2, 5))
+    frame = pd.read_parquet(out / "trials.parquet")
+    distinct = frame[(frame.state == "COMPLETE") & frame.duplicate_of.isna()].sort_values("fitness")
+    start_trial = int(frame.number[frame.label == "start:start.json"].iloc[0])
+    assert start_trial not in distinct.number.head(2).tolist()  # not among the best two by search fitness
+    rows = summary["selection"]["finalists"]
+    assert [r["trial"] for r in rows] == [*distinct.number.head(2).tolist(), start_trial]
+    assert rows[2]["label"] == "start:start.json" and np.isfinite(rows[2]["selection_fitness"])
+    assert summary["best"]["trial"] == min(rows, key=lambda r: r["selection_fitness"])["trial"]
