@@ -10,7 +10,6 @@ good block by luck and rarely a second; a scan of every block costs one trial pe
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 import optuna
@@ -115,10 +114,7 @@ def _results(study: optuna.Study, prefix: str) -> dict[str, float]:
 
 
 def _measure_waiting(study: optuna.Study, ws, rule: faults.StopRule, bar) -> None:
-    """Measure the queued trials, within the run's stop rule."""
+    """Measure the queued trials, within the run's stop rule, counting them on the scan's bar."""
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    n = min(waiting, rule.left(study))
-    if n and not rule.reached(study):
-        bar.total = (bar.total or 0) + n
-        study.optimize(ws.objective, n_trials=n, callbacks=[rule, lambda *_: bar.update()], gc_after_trial=False,
-                       timeout=None if rule.deadline is None else max(1.0, rule.deadline - time.time()))
+    bar.total = (bar.total or 0) + min(waiting, rule.left(study))
+    faults.run_queued(study, ws.objective, rule, lambda *_: bar.update())

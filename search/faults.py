@@ -180,6 +180,17 @@ class StopRule:
             study.stop()
 
 
+def run_queued(study: optuna.Study, objective, rule: StopRule, after=None, fallback: int = 0) -> None:
+    """Measure every queued trial (seeds, scan or chosen candidates), or ``fallback`` sampler trials when fewer are
+    queued, within ``rule``; ``after(study, trial)`` runs after each (a progress bar)."""
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    n = min(max(waiting, fallback), rule.left(study))
+    if n == 0 or rule.reached(study):
+        return
+    study.optimize(objective, n_trials=n, callbacks=[rule, *([after] if after else [])], gc_after_trial=False,
+                   timeout=None if rule.deadline is None else max(1.0, rule.deadline - time.time()))
+
+
 def stop_rule(ws, trials: int | None, deadline: float | None) -> StopRule:
     """The process's stop rule, kept on the workspace so that the plain and the guided loops share it."""
     rule = getattr(ws, "stop_rule", None)

@@ -41,7 +41,7 @@ from predictors.features import check_spec, features, make_spec
 from predictors.metrics import cross_validate, ranking_metrics
 from predictors.model import FitnessPredictor, data_hash
 from prunesearch.files import repair_line_log
-from search.faults import counted, stop_rule
+from search.faults import counted, run_queued, stop_rule
 from search.samplers import allocation_key, make_sampler, param_name
 from search.screening import box, distinct_best, local, narrow, smooth_share
 
@@ -120,7 +120,7 @@ class Guide:
         self.seed = ws.settings.seed if cfg.seed is None else cfg.seed
         self.bar = tqdm(total=trials, initial=_finished(study), desc="trials", disable=not progress,
                         dynamic_ncols=True)
-        self.study, self.ws, self.trials, self.deadline = study, ws, trials, deadline
+        self.study, self.ws = study, ws
         self.rule = stop_rule(ws, trials, deadline)
         try:
             self._measure_queue()
@@ -204,7 +204,6 @@ class Guide:
         return self.rule.reached(self.study)
 
     def _update_bar(self, study: optuna.Study, trial) -> None:
-        self.rule(study, trial)  # counts failures in a row; stops the study when the rule is met
         self.bar.n = _finished(study)
         try:
             self.bar.set_postfix(best=f"{study.best_value:.5f}")
@@ -214,13 +213,7 @@ class Guide:
 
     def _measure_queue(self, fallback: int = 0) -> None:
         """Measure every queued trial (seeds, warm-up points, chosen candidates), or ``fallback`` sampler trials."""
-        waiting = len(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        n = min(max(waiting, fallback), self._left())
-        if n == 0 or self._done():
-            return
-        timeout = None if self.deadline is None else max(1.0, self.deadline - time.time())
-        self.study.optimize(self.ws.objective, n_trials=n, timeout=timeout, callbacks=[self._update_bar],
-                            gc_after_trial=False)
+        run_queued(self.study, self.ws.objective, self.rule, self._update_bar, fallback)
 
     def _warmup(self) -> None:
         """Scrambled-Sobol allocations until ``warmup`` trials have finished (the seeds count)."""
