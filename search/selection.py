@@ -54,8 +54,9 @@ def finalists(complete: list[optuna.trial.FrozenTrial], top: int) -> list[optuna
     start not among them: an earlier answer (coarse to fine's block answer) is re-measured beside what the search
     found from it, so a run never ends worse on the fresh windows than where it started."""
     distinct = sorted((t for t in complete if "duplicate_of" not in t.user_attrs), key=lambda t: t.value)
-    chosen = distinct[:top]
-    return chosen + [t for t in distinct[top:] if str(t.user_attrs.get("seed", "")).startswith(START)]
+    starts = {t.user_attrs.get("duplicate_of", t.number) for t in complete
+              if str(t.user_attrs.get("seed", "")).startswith(START)}  # a start equal to an earlier trial: that one
+    return distinct[:top] + [t for t in distinct[top:] if t.number in starts]
 
 
 def select(ws, complete: list[optuna.trial.FrozenTrial], selection: Selection, path: Path) -> dict:

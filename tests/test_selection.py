@@ -4,6 +4,7 @@ held-out windows; the lowest there is the run's answer."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ from conftest import FAMILIES, saved_tiny_model, search_settings
 from prunesearch import data
 from prunesearch.evaluate import DenseReference
 from search.engine import Selection, Workspace, run_search
+from search.selection import finalists
 
 
 @pytest.fixture(autouse=True)
@@ -92,3 +94,13 @@ def test_an_enqueued_start_is_always_a_finalist(tiny_llama_dir, tiny_calib_file,
     assert [r["trial"] for r in rows] == [*distinct.number.head(2).tolist(), start_trial]
     assert rows[2]["label"] == "start:start.json" and np.isfinite(rows[2]["selection_fitness"])
     assert summary["best"]["trial"] == min(rows, key=lambda r: r["selection_fitness"])["trial"]
+
+
+def test_a_start_equal_to_an_earlier_trial_brings_that_trial_in():
+    def trial(number, value, **attrs):
+        return SimpleNamespace(number=number, value=value, user_attrs=attrs)
+
+    complete = [trial(0, 3.0, seed="uniform"), trial(1, 1.0), trial(2, 2.0),
+                trial(3, 3.0, seed="start:best_config.json", duplicate_of=0)]
+    assert [t.number for t in finalists(complete, 2)] == [1, 2, 0]
+    assert [t.number for t in finalists(complete, 3)] == [1, 2, 0]
