@@ -78,23 +78,33 @@ def test_three_worker_commands_share_one_study_exactly(postgres, tiny_llama_dir,
     assert len(list((tmp_path / "shared-cache").glob("scores-*.safetensors"))) == 1
 
 
+def _trials_of(url: str, tag: str) -> list:
+    """The trials of study ``killed`` run by the worker whose name ends with ``tag`` (none before it exists)."""
+    try:
+        return [t for t in _study(url, "killed").trials if t.user_attrs.get("worker", "").endswith(tag)]
+    except KeyError:  # the study is not created yet
+        return []
+
+
 def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_retried(postgres, tiny_llama_dir, tiny_calib_file,
                                                                           tmp_path):
     trials = 16
     argv = [search_argv(tiny_llama_dir, tiny_calib_file, tmp_path / f"worker{i}", "--storage", postgres.url,
                         "--study", "killed", "--heartbeat", 1, "--cache-dir", tmp_path / "shared-cache",
                         trials=trials, samples=128) for i in range(2)]
-    victim, survivor = cli_process(argv[0]), cli_process(argv[1])
+    victim = cli_process(argv[0])
+    tag = f":{victim.pid}"
+    deadline = time.time() + 180
+    # the survivor starts once the victim measures trials: started together on a loaded machine, the survivor could
+    # take all but two of the trials and leave the victim nothing to be killed in (seen once in a full suite run)
+    while time.time() < deadline and victim.poll() is None and not any(
+            t.state == TrialState.COMPLETE for t in _trials_of(postgres.url, tag)):
+        time.sleep(0.05)
+    survivor = cli_process(argv[1])
     try:
-        tag = f":{victim.pid}"
-        deadline = time.time() + 180
         number = None
         while number is None and time.time() < deadline and victim.poll() is None:
-            try:
-                mine = [t for t in _study(postgres.url, "killed").trials
-                        if t.user_attrs.get("worker", "").endswith(tag)]
-            except KeyError:  # the study is not created yet
-                mine = []
+            mine = _trials_of(postgres.url, tag)
             if sum(t.state == TrialState.COMPLETE for t in mine) >= 2:
                 running = [t.number for t in mine if t.state == TrialState.RUNNING]
                 number = running[0] if running else None
