@@ -7,7 +7,6 @@ import os
 import sys
 
 from pruners.methods import METHODS, names
-from search.settings import DROP_SCAN
 from prunesearch import __version__
 from prunesearch.commands.common import UsageError
 from prunesearch.commands.evaluate import cmd_eval
@@ -18,6 +17,7 @@ from prunesearch.commands.search import cmd_search
 from prunesearch.commands.train import cmd_ast
 from prunesearch.results_cli import add_commands
 from prunesearch.safety import UserError
+from search.settings import DROP_SCAN
 
 
 def _add_sparsellm_options(p: argparse.ArgumentParser) -> None:
