@@ -18,6 +18,9 @@ After a warm-up of measured allocations (the heuristic seeds plus scrambled-Sobo
 4. enqueues only the best ``measure`` for real measurement (full fidelity: the predictor is the pruner here),
    never one whose allocation was measured already (on a level grid many candidates round to one).
 
+With ``realize`` = K > 0, every allocation that enters the K best by search fitness is first pruned for real and
+re-scored (``search.realized``), and the local moves and the incumbent come from the best realized allocations.
+
 Only measured candidates enter the study. Each round appends its bounds, predictor metrics (3-fold CV of a
 single member, and the prospective τ of everything predicted before it was measured) and screening counts to
 ``predictor_rounds.jsonl``; the final predictor is saved under ``predictor/``. Resuming re-reads the study and
@@ -42,6 +45,7 @@ from predictors.metrics import cross_validate, ranking_metrics
 from predictors.model import FitnessPredictor, data_hash
 from prunesearch.files import repair_line_log
 from search.faults import counted, run_queued, stop_rule
+from search.realized import RealizedFitness
 from search.samplers import allocation_key, make_sampler, param_name
 from search.screening import box, distinct_best, local, narrow, smooth_share
 
@@ -69,6 +73,7 @@ class GuideConfig:
     members: int = 8
     trees: int = 200
     init: str | None = None
+    realize: int = 0  # > 0: the K best by search fitness are realized; local moves start from the realized best
     seed: int | None = None  # of screening, Sobol warm-up and sampler copies (default: the run's seed)
 
     def predictor(self, seed: int, members: int | None = None) -> FitnessPredictor:
@@ -122,6 +127,7 @@ class Guide:
                         dynamic_ncols=True)
         self.study, self.ws = study, ws
         self.rule = stop_rule(ws, trials, deadline)
+        realized = RealizedFitness(ws, cfg.realize) if cfg.realize else None
         try:
             self._measure_queue()
             if init is None:
@@ -136,6 +142,8 @@ class Guide:
                     self._measure_queue(fallback=max(1, 3 - len(y)))
                     continue
                 r = len(rounds)
+                newly = realized.update(done) if realized else []
+                parents = realized.parents(done, y) if realized else np.argsort(y)[:3]
                 t0 = time.perf_counter()
                 X = features(allocs, rec, spec)
                 own = init is None or len(y) >= cfg.warmup
@@ -149,10 +157,10 @@ class Guide:
                 n_smooth = int(round((cfg.screen - n_local) * share))
                 screened = box(space, rng, low, high, cfg.screen - n_local, n_smooth)
                 mean, _, bound = model.predict_with_bound(features(screened, rec, spec), cfg.kappa)
-                incumbent = space.sampled(allocs[int(np.argmin(y))])
+                incumbent = space.sampled(allocs[parents[0]])
                 low, high, sens = narrow(space, space.sampled(screened), mean, incumbent, cfg.quantile,
                                          cfg.insensitive, cfg.margin, cfg.min_width, cfg.spread)
-                near = local(space, rng, space.sampled(allocs[np.argsort(y)[:3]]), low, high, n_local, share > 0)
+                near = local(space, rng, space.sampled(allocs[parents]), low, high, n_local, share > 0)
                 bound = np.concatenate([bound, model.lower_bound(features(near, rec, spec), cfg.kappa)])
                 screened = np.concatenate([screened, near])
                 xs, sources = self._candidates(low, high, r, space.sampled(screened), bound)
@@ -176,8 +184,12 @@ class Guide:
                     "bounds": {"low": low.tolist(), "high": high.tolist()}, "sensitivity": sens.tolist(),
                     "widened": [u for u, lo_, hi_ in zip(units, low, high)
                                 if lo_ <= space.low and hi_ >= space.high],
-                    "incumbent": {"trial": done[int(np.argmin(y))].number, "fitness": float(y.min()),
+                    "incumbent": {"trial": done[parents[0]].number, "fitness": float(y[parents[0]]),
                                   "inside_bounds": bool(np.all((incumbent >= low) & (incumbent <= high)))},
+                    "parents": [done[i].number for i in parents],
+                    **({"realized": {"measured": newly, "best": {str(done[i].number): realized.scores[
+                        done[i].number]["fitness"] for i in parents if done[i].number in realized.scores}}}
+                       if realized else {}),
                     "screened": {"narrowing_samples": cfg.screen - n_local, "smooth_samples": n_smooth,
                                  "local_samples": n_local,
                                  "sampler_candidates": int(sum(

@@ -13,6 +13,7 @@ report's data; the finalists' scores are kept in ``selection.json`` and reused w
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import optuna
 
 from prunesearch.files import atomic_json, read_json
 from prunesearch.safety import UserError
+from search.realized import PARENTS, best_realized
 from search.samplers import trial_label
 from search.seeds import START
 
@@ -49,14 +51,16 @@ def default_selection(builtin: bool, device: str) -> Selection:
     return Selection(top, samples)
 
 
-def finalists(complete: list[optuna.trial.FrozenTrial], top: int) -> list[optuna.trial.FrozenTrial]:
+def finalists(complete: list[optuna.trial.FrozenTrial], top: int, also: Sequence[int] = ()
+              ) -> list[optuna.trial.FrozenTrial]:
     """The ``top`` best completed trials by search fitness, one per distinct allocation, then every ``--enqueue``
     start not among them: an earlier answer (coarse to fine's block answer) is re-measured beside what the search
-    found from it, so a run never ends worse on the fresh windows than where it started."""
+    found from it, so a run never ends worse on the fresh windows than where it started; then the trials ``also``
+    names (the best realized allocations of ``--realize-top``)."""
     distinct = sorted((t for t in complete if "duplicate_of" not in t.user_attrs), key=lambda t: t.value)
     starts = {t.user_attrs.get("duplicate_of", t.number) for t in complete
               if str(t.user_attrs.get("seed", "")).startswith(START)}  # a start equal to an earlier trial: that one
-    return distinct[:top] + [t for t in distinct[top:] if t.number in starts]
+    return distinct[:top] + [t for t in distinct[top:] if t.number in starts or t.number in set(also)]
 
 
 def select(ws, complete: list[optuna.trial.FrozenTrial], selection: Selection, path: Path) -> dict:
@@ -72,7 +76,7 @@ def select(ws, complete: list[optuna.trial.FrozenTrial], selection: Selection, p
                 f"{s.fitness_samples - 1})", "realized_with": ws.realized_with}
     known = read_json(path, "selection record") if path.exists() else {}
     scores = {int(k): v for k, v in known.get("scores", {}).items()} if known.get("protocol") == protocol else {}
-    chosen = finalists(complete, selection.top)
+    chosen = finalists(complete, selection.top, best_realized(ws.out, PARENTS))
     todo = [t for t in chosen if t.number not in scores]
     if todo:
         ids = data.heldout_ids(ws.tokenizer, s.fitness_samples + selection.samples, ws.seqlen, s.seed, s.data_dir,

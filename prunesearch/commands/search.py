@@ -41,6 +41,8 @@ def cmd_search(args) -> int:
     if args.space == "both" and args.predictor == "on":
         raise UsageError("the accuracy predictor has features for sparsity and for width allocations, not both at "
                          "once; --space both needs --predictor off")
+    if args.realize_top < 0:
+        raise UsageError(f"--realize-top must be 0 (off) or more, got {args.realize_top}")
     if multi and args.select_top:
         raise UsageError("--select-top picks one allocation; a budget range keeps its whole Pareto front (give "
                          "one budget, or leave --select-top out)")
@@ -67,9 +69,9 @@ def cmd_search(args) -> int:
     if (args.predictor or ("off" if multi or width else "on")) == "on":
         from search.guided import Guide, GuideConfig
 
-        guide = Guide(GuideConfig(init=args.predictor_init))
-    elif args.predictor_init:
-        raise UsageError("--predictor-init needs --predictor on")
+        guide = Guide(GuideConfig(init=args.predictor_init, realize=args.realize_top))
+    elif args.predictor_init or args.realize_top:
+        raise UsageError(f"{'--predictor-init' if args.predictor_init else '--realize-top'} needs --predictor on")
     report_ppl = tuple(d for d in args.report_ppl.split(",") if d)
     cache_dir = args.cache_dir and Path(args.cache_dir)
     if staged:
@@ -97,7 +99,7 @@ def _coarse_to_fine(args, settings, out: Path, guide, time_budget: float | None,
     if args.predictor == "on":
         from search.guided import Guide, GuideConfig
 
-        fine_guide = Guide(GuideConfig(init=args.predictor_init))
+        fine_guide = Guide(GuideConfig(init=args.predictor_init, realize=args.realize_top))
 
     def show(name: str, summary: dict, folder: Path) -> None:
         if not summary.get("stopped"):
