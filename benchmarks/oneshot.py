@@ -139,10 +139,10 @@ def main() -> None:
                          "sparsity": global_sparsity(result["layers"])})
             print(f"{label:>4} {method:>10} ppl {ppl:9.3f}  prune {seconds:6.2f}s = {seconds / fwd:6.2f} forwards, "
                   f"peak {peak:,.0f} MiB", flush=True)
-    protocol = {"model": source, "model_source": describe_model(source), "ppl_data": data.describe("wikitext2", args.data_dir, "evaluation"), "seqlen": seqlen,
-                "eval_tokens": n_eval, "eval_windows": args.eval_windows, "calib": data.describe("c4", args.data_dir, "calibration"),
-                "nsamples": args.nsamples,
-                "seed": 0, "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    protocol = {"model": source, "model_source": describe_model(source),
+                "ppl_data": data.describe("wikitext2", args.data_dir, "evaluation"), "seqlen": seqlen,
+                "eval_tokens": n_eval, "eval_windows": args.eval_windows,
+                "calib": data.describe("c4", args.data_dir, "calibration"), "nsamples": args.nsamples, "seed": 0, "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "machine": platform.processor() or platform.machine(),
                 "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
     result = {"protocol": protocol, "calib_forward_s": fwd, "eval_tokens_per_s": eval_tps, "rows": rows}
@@ -150,13 +150,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or ("oneshot" if args.device == "cpu" else f"oneshot-{args.device.split(':')[0]}")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    scored = f"first {args.eval_windows} windows" if args.eval_windows else "full stream"
     lines = [f"# One-shot pruning of {Path(source).name} on {args.device}", "",
-             f"WikiText-2 test PPL ({'first ' + str(args.eval_windows) + ' windows' if args.eval_windows else 'full stream'}, {n_eval} tokens, seqlen {seqlen}); calibration {args.nsamples} x "
+             f"WikiText-2 test PPL ({scored}, {n_eval} tokens, seqlen {seqlen}); calibration {args.nsamples} x "
              f"{seqlen} C4 tokens ({protocol['calib'].get('origin', '')}), seed 0. Prune time is divided by one plain "
              f"forward pass over the same calibration tokens ({fwd:.3f}s), measured in the same run; peak memory "
              f"is {'allocated CUDA memory' if args.device.startswith('cuda') else 'the process resident set'} "
              f"while pruning (model included; on CPU the allocator keeps memory an earlier method freed, so later "
-             f"rows are upper bounds and the rise over the first row is what a method itself adds at most). Evaluation throughput: {eval_tps:,.0f} tokens/s.", "",
+             f"rows are upper bounds and the rise over the first row is what a method itself adds at most). "
+             f"Evaluation throughput: {eval_tps:,.0f} tokens/s.", "",
              f"Dense PPL: {dense_ppl:.3f}", "", "| target | method | PPL | prune s | prune / forward | peak MiB |",
              "|---|---|---|---|---|---|"]
     for r in rows[1:]:

@@ -191,7 +191,8 @@ def main() -> None:
              f"{args.trials} trials per sampler; median over seeds (inf = not reached within {args.trials}). "
              f"Guided = warm-up of the heuristic seeds ({seeds}) + Sobol points, then rounds of: fit an "
              f"{cfg.members}-member bootstrap XGBoost ensemble; screen {cfg.screen:,} points, {local:.0%} of them "
-             f"small moves of the three best measured allocations ({'evolution children' if share else 'per-unit noise and depth waves'}) "
+             f"small moves of the three best measured allocations "
+             f"({'evolution children' if share else 'per-unit noise and depth waves'}) "
              f"and the rest random points of the bounds ({share:.0%} of those smooth depth profiles; 1 − blocks/units "
              f"= {share:.2f} here), which narrow the bounds; add {cfg.batch} TPE asks in the narrowed bounds and the "
              f"{cfg.screen_top} best screened points; measure the best {cfg.measure} by mean − {cfg.kappa:g}·std.", "",

@@ -90,7 +90,8 @@ def write(rows: dict, args, settings: SearchSettings, realized_with: str) -> Non
              f"the search does ({how}). Realized KL: the same tokens after pruning for real ({realized_with}, "
              f"as `prunesearch realize` does). Report columns: WikiText-2 test KL and PPL of the "
              f"realized model from `{args.quality}` (first windows as stated there).", "",
-             "| allocation | search KL | realized KL | gap | WikiText-2 KL | WikiText-2 PPL |", "|---|---|---|---|---|---|"]
+             "| allocation | search KL | realized KL | gap | WikiText-2 KL | WikiText-2 PPL |",
+             "|---|---|---|---|---|---|"]
     for label, r in rows.items():
         kl, ppl = report.get(label, (None, None))
         cells = f"{kl:.4f} | {ppl:.1f}" if kl is not None else "– | –"

@@ -188,7 +188,8 @@ def markdown(summary: dict, args, samplers: list[str], curves: pd.DataFrame, eff
         lines += selection_section(s)
     lines += ["## Anytime: best search KL after N real evaluations (seeds included), and search time", "",
               "Trials (min): the summed wall time of the measured trials; run (min): the whole search of this "
-              "process (set-up from the shared caches, trials, results; for a run found finished, only loading it).", "",
+              "process (set-up from the shared caches, trials, results; for a run found finished, only loading "
+              "it).", "",
               "| budget | sampler | 10 | 25 | 50 | 100 | best seed | trials (min) | run (min) | median trial (s) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for (budget, sampler), g in curves.groupby(["budget", "sampler"], sort=False):
@@ -225,7 +226,8 @@ def front_section(s: dict, budget_range: str, trials: int) -> list[str]:
              "the middle. `front@p` is the front allocation with the lowest search KL among those at least p sparse "
              "(plot: search_front.png).", "", "| sparsity | search KL | trial | label |", "|---|---|---|---|"]
     lines += [f"| {r['sparsity']:.4f} | {r['fitness']:.5f} | {r['trial']} | {r['label']} |" for r in s["front"]]
-    lines += ["", "| allocation | sparsity | search KL | WikiText-2 KL to dense | WikiText-2 PPL |", "|---|---|---|---|---|"]
+    lines += ["", "| allocation | sparsity | search KL | WikiText-2 KL to dense | WikiText-2 PPL |",
+              "|---|---|---|---|---|"]
     kl, ppl = s["report_kl"], s["report_ppl"]
     for label, v in s["seeds"].items():
         budget = label.partition("@")[2]

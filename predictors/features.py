@@ -191,7 +191,8 @@ def features(allocs: np.ndarray, rec: SpaceRecord, spec: dict) -> np.ndarray:
             block[:, 0], block[:, -1], attn_pruned / attn.sum() if attn.sum() > 0 else np.zeros(len(a)),
             (a @ mlp) / mlp.sum() if mlp.sum() > 0 else np.zeros(len(a)),
             np.divide(attn_pruned, pruned, out=np.zeros(len(a)), where=pruned > 0),
-            pruned / sizes.sum() if rec.target is None else np.full(len(a), rec.target), ((block - block.mean(axis=1, keepdims=True)) * (norm - 1)).mean(axis=1),
+            pruned / sizes.sum() if rec.target is None else np.full(len(a), rec.target),
+            ((block - block.mean(axis=1, keepdims=True)) * (norm - 1)).mean(axis=1),
             (block * norm).mean(axis=1),
         ], axis=1),
     ]

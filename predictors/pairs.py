@@ -1,10 +1,10 @@
 """Measured (allocation, fitness) pairs from search runs, as feature matrices a predictor trains or is scored on.
 
 A run folder holds ``trials.parquet`` (the effective allocation of every trial, ``s[unit]`` or, for a width run,
-``w[unit]``, and its fitness) and ``space.json`` (its ``SpaceRecord`` or ``WidthRecord``). Extra pairs come as a parquet of *features* (the spec's column names plus
-``fitness``, ``model``, ``budget``, ``fitness_kind``), which is what ``export_pairs`` writes, so pairs from any
-model can be pooled without its space. Pairs of different models or budget kinds are refused unless mixing is
-asked for; different fitness kinds (KL vs perplexity) never mix.
+``w[unit]``, and its fitness) and ``space.json`` (its ``SpaceRecord`` or ``WidthRecord``). Extra pairs come as a
+parquet of *features* (the spec's column names plus ``fitness``, ``model``, ``budget``, ``fitness_kind``), which is
+what ``export_pairs`` writes, so pairs from any model can be pooled without its space. Pairs of different models or
+budget kinds are refused unless mixing is asked for; different fitness kinds (KL vs perplexity) never mix.
 """
 
 from __future__ import annotations

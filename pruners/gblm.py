@@ -2,8 +2,8 @@
 
 Score = |W|·√s + α·|W|·G, with s Wanda's input norm and G the ℓ2 (default) or ℓ1 norm over calibration
 sequences of the scaled per-sequence gradients scale·∂loss/∂W (scale 100 as the reference, which then adds the
-two terms unweighted: α = 1). Selection is Wanda's: per output row, N:M per row. The gradients come from one pass over the
-dense model, one sequence at a time, and are cached as safetensors so later runs and the search reuse them.
+two terms unweighted: α = 1). Selection is Wanda's: per output row, N:M per row. The gradients come from one pass
+over the dense model, one sequence at a time, and are cached as safetensors so later runs and the search reuse them.
 """
 
 from __future__ import annotations

@@ -39,8 +39,9 @@ def _pruned(n: np.ndarray, s: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class BothSpace:
     """The width space (every limit of the budget; its bounds are the sampled shares'), the budget, the sampled
-    sparsity bounds, and how a block's kept projection weights lie in rows: ``rows`` rows of length ``hidden`` per group and per channel (q/k/v; up/gate), and ``hidden`` rows
-    of the attention output and down projections, ``span`` columns long per group or channel."""
+    sparsity bounds, and how a block's kept projection weights lie in rows: ``rows`` rows of length ``hidden`` per
+    group and per channel (q/k/v; up/gate), and ``hidden`` rows of the attention output and down projections,
+    ``span`` columns long per group or channel."""
 
     width: WidthSpace
     budget: int

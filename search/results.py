@@ -93,7 +93,8 @@ def _config(ws: Workspace, t: optuna.trial.FrozenTrial) -> dict:
     meta = {"fitness": t.values[0], "fitness_kind": s.fitness, "trial": t.number,
             "label": trial_label(t, s.sampler), "budget": s.budget,
             "budget_sparsity": t.user_attrs["budget_sparsity"], "pruner": s.pruner, "model": ws.source,
-            "model_protocol": ws.model_protocol, "granularity": s.granularity, "seqlen": ws.seqlen, "fitness_data": ws.heldout_protocol,
+            "model_protocol": ws.model_protocol, "granularity": s.granularity, "seqlen": ws.seqlen,
+            "fitness_data": ws.heldout_protocol,
             "fitness_samples": s.fitness_samples, "calib": ws.calib_protocol, "nsamples": s.nsamples,
             "seed": s.seed}
     return ws.config(np.asarray(t.user_attrs["allocation"]), meta)

@@ -188,7 +188,8 @@ def study_lock(storage: optuna.storages.BaseStorage, url: str | None, out: Path,
                     conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": f"prunesearch-{key}"})
             return
         database = engine.url.database
-        lock_path = Path(database).with_name(f".{Path(database).name}.enqueue-lock") if database and database != ":memory:" else None
+        on_disk = database and database != ":memory:"
+        lock_path = Path(database).with_name(f".{Path(database).name}.enqueue-lock") if on_disk else None
     else:
         journal = journal_path(url, out)
         lock_path = journal.with_name(f".{journal.name}.enqueue-lock")

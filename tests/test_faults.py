@@ -228,4 +228,5 @@ def test_independent_commands_on_one_shared_journal_reach_the_count_exactly(tiny
     assert counted(trials) == 16 and not [t for t in trials if t.state == TrialState.RUNNING]
     assert all("skipped" in t.user_attrs for t in trials if t.state == TrialState.FAIL)
     seeds = [t.user_attrs["seed"] for t in trials if "seed" in t.user_attrs]
-    assert sorted(seeds) == sorted({"uniform", "owl", "atp-0.1", "atp-0.2", "atp-0.3", "atp-0.4", "atp-0.5"})  # enqueued once
+    # enqueued once
+    assert sorted(seeds) == sorted({"uniform", "owl", "atp-0.1", "atp-0.2", "atp-0.3", "atp-0.4", "atp-0.5"})

@@ -179,7 +179,8 @@ def guided_runs(tiny_llama_dir, tiny_calib_file, tmp_path_factory):
     a, b, c = base / "a", base / "b", base / "c"
     _guided(search_settings(tiny_llama_dir, tiny_calib_file), a, 14)
     _guided(search_settings(tiny_llama_dir, tiny_calib_file, seed=1), b, 11)
-    run_search(search_settings(tiny_llama_dir, tiny_calib_file, budget="params=100K"), c, trials=6, report_ppl=(), progress=False)
+    run_search(search_settings(tiny_llama_dir, tiny_calib_file, budget="params=100K"), c, trials=6, report_ppl=(),
+               progress=False)
     mp.undo()
     return a, b, c
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import search_settings
+from conftest import FAMILIES, saved_tiny_model, search_settings
 from prunesearch.cli import main
 from search.engine import Selection, Workspace, run_search
 from search.guided import Guide, GuideConfig
@@ -80,3 +80,15 @@ def test_realize_top_needs_the_guided_search_and_a_count(capsys, tmp_path):
     assert "--realize-top needs --predictor on" in error(["search", "--predictor", "off", "--realize-top", "2",
                                                           "--out", str(tmp_path / "b")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_realize_top_on_every_family(family, tmp_path, tiny_tokenizer, tiny_calib_file):
+    model_dir = saved_tiny_model(tmp_path / family, tiny_tokenizer, family)
+    out = tmp_path / "run"
+    summary = run_search(search_settings(model_dir, tiny_calib_file), out, trials=12, report_ppl=(), progress=False,
+                         selection=Selection(2, 3), guide=Guide(GuideConfig(**FAST, realize=2)))
+    realized = json.loads((out / "realized.json").read_text())["scores"]
+    assert len(realized) >= 2 and all(np.isfinite(v["fitness"]) and v["fitness"] > 0 for v in realized.values())
+    best = min(realized, key=lambda k: realized[k]["fitness"])
+    assert int(best) in [row["trial"] for row in summary["selection"]["finalists"]]

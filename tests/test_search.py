@@ -98,7 +98,8 @@ def test_two_local_workers_never_evaluate_the_same_trial_twice(tiny_llama_dir, t
 
 def test_bad_input_is_refused_and_nothing_is_overwritten(tiny_llama_dir, tiny_calib_file, tmp_path):
     with pytest.raises(ValueError, match="infeasible"):
-        _run(search_settings(tiny_llama_dir, tiny_calib_file, min_sparsity=0.7, max_sparsity=0.9), tmp_path / "a", trials=1)
+        _run(search_settings(tiny_llama_dir, tiny_calib_file, min_sparsity=0.7, max_sparsity=0.9), tmp_path / "a",
+             trials=1)
     with pytest.raises(ValueError, match="unknown budget kind"):
         _run(search_settings(tiny_llama_dir, tiny_calib_file, budget="energy=3J"), tmp_path / "b", trials=1)
     with pytest.raises(ValueError, match="granularity"):
@@ -148,8 +149,8 @@ def test_sparsegpt_level_database_swaps_in_what_sparsegpt_computes_from_dense_in
 def test_search_with_the_sparsegpt_database_runs_seeds_and_stays_on_the_level_grid(tiny_llama_dir, tiny_calib_file,
                                                                                    tmp_path):
     out = tmp_path / "run"
-    summary = _run(search_settings(tiny_llama_dir, tiny_calib_file, pruner="sparsegpt", level_step=0.1, sampler="evo"), out,
-                   trials=10)
+    settings = search_settings(tiny_llama_dir, tiny_calib_file, pruner="sparsegpt", level_step=0.1, sampler="evo")
+    summary = _run(settings, out, trials=10)
     frame = pd.read_parquet(out / "trials.parquet")
     complete = frame[frame.state == "COMPLETE"]
     assert set(summary["seeds"]) == SEEDS

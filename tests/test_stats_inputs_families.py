@@ -13,7 +13,8 @@ from search.engine import Workspace
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
-def test_uniform_candidate_from_pruned_inputs_is_the_pruned_model(family, pruner, tmp_path, tiny_tokenizer, tiny_calib_file, monkeypatch):
+def test_uniform_candidate_from_pruned_inputs_is_the_pruned_model(family, pruner, tmp_path, tiny_tokenizer,
+                                                                   tiny_calib_file, monkeypatch):
     monkeypatch.setenv("PRUNESEARCH_CACHE", str(tmp_path / "c"))
     d = saved_tiny_model(tmp_path / family, tiny_tokenizer, family)
     kw = {"level_step": 0.1} if pruner == "sparsegpt" else {}

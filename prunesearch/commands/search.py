@@ -163,8 +163,9 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 def _print_selection(selection: dict, kind: str) -> None:
     p = selection["protocol"]
-    print(f"\nfinal selection: the {len(selection['finalists'])} best, {p['realized_with']}, on {p['samples']} fresh "
-          f"held-out sequences ({kind}):")
+    n, top = len(selection["finalists"]), p["top"]
+    which = f"the {n} best" if n <= top else f"the {top} best, then starts or best realized"
+    print(f"\nfinal selection: {which}, {p['realized_with']}, on {p['samples']} fresh held-out sequences ({kind}):")
     for row in selection["finalists"]:
         mark = "  <- chosen" if row["trial"] == selection["chosen"] else ""
         print(f"  trial {row['trial']:>5} {row['label']:<12} search {row['search_fitness']:.5f}  "
