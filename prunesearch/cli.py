@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realize-top", type=int, default=0, metavar="K",
                    help="guided search: prune every allocation that enters the K best by search fitness for real "
                         "(sequentially) and re-score it on the fitness windows; local moves start from the best "
-                        "realized ones and the final selection adds them (default: 0, off; about 5x a trial each)")
+                        "realized ones and the final selection adds them (default: 0, off; about 4x a trial each)")
     # calibration size and seqlen follow the model and device unless given (search.settings.EFFORT)
     p.set_defaults(func=cmd_search, nsamples=None)
 

@@ -6,7 +6,7 @@ Why: the search scores candidates with a fast proxy (cached dense-input ranks). 
 Wanda (README): proxy and sequential pruning disagree by up to ±0.15 nats per allocation, as much as the guided
 search gains after its seeds, so late in a search the local moves grew from allocations that fit the proxy's errors
 (the proxy's best read 2.032 → 2.187 realized, the final selection's choice 2.063 → 2.044). The proxy still decides
-which allocations are promising; realization, ~5× its cost, decides which of them the search builds on.
+which allocations are promising; realization, ~4× its cost, decides which of them the search builds on.
 Scores are kept in ``realized.json`` (keyed by protocol) and reused when a run resumes; the final selection adds the
 best realized allocations to its finalists.
 """
