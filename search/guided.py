@@ -18,9 +18,8 @@ After a warm-up of measured allocations (the heuristic seeds plus scrambled-Sobo
 4. enqueues only the best ``measure`` for real measurement (full fidelity: the predictor is the pruner here),
    never one whose allocation was measured already (on a level grid many candidates round to one).
 
-With ``realize`` = K > 0, every allocation that enters the K best by search fitness, and each round's best newcomer,
-is first pruned for real and re-scored (``search.realized``); the local moves and the incumbent come from the best
-realized allocations.
+With ``realize`` = K > 0, every allocation that enters the K best by search fitness is first pruned for real and
+re-scored (``search.realized``), and the local moves and the incumbent come from the best realized allocations.
 
 Only measured candidates enter the study. Each round appends its bounds, predictor metrics (3-fold CV of a
 single member, and the prospective τ of everything predicted before it was measured) and screening counts to
@@ -74,7 +73,7 @@ class GuideConfig:
     members: int = 8
     trees: int = 200
     init: str | None = None
-    realize: int = 0  # > 0: the K best by search fitness and each round's best newcomer are realized (search.realized)
+    realize: int = 0  # > 0: the K best by search fitness are realized; local moves start from the realized best
     seed: int | None = None  # of screening, Sobol warm-up and sampler copies (default: the run's seed)
 
     def predictor(self, seed: int, members: int | None = None) -> FitnessPredictor:

@@ -1,15 +1,12 @@
 """Realized fitness of the guided search's most promising allocations: each allocation that enters the ``top`` best by
-search fitness, and the best newcomer of every round, is pruned for real (sequentially, as the final model will be)
-and scored on the same fitness windows; the guided loop then takes its local moves and its incumbent from the best
-*realized* allocations.
+search fitness is pruned for real (sequentially, as the final model will be) and scored on the same fitness windows;
+the guided loop then takes its local moves and its incumbent from the best *realized* allocations.
 
 Why: the search scores candidates with a fast proxy (cached dense-input ranks). Measured on SmolLM2-135M at 70% with
 Wanda (README): proxy and sequential pruning disagree by up to ±0.15 nats per allocation, as much as the guided
 search gains after its seeds, so late in a search the local moves grew from allocations that fit the proxy's errors
 (the proxy's best read 2.032 → 2.187 realized, the final selection's choice 2.063 → 2.044). The proxy still decides
 which allocations are promising; realization, ~4× its cost, decides which of them the search builds on.
-The round's best newcomer is realized whatever the proxy's top holds: measured on SmolLM2 (seed 0), a top filled with
-allocations the proxy over-rates otherwise kept every child of the realized parents out, and the parents never moved.
 Scores are kept in ``realized.json`` (keyed by protocol) and reused when a run resumes; the final selection adds the
 best realized allocations to its finalists.
 """
@@ -63,17 +60,12 @@ class RealizedFitness:
         self.path = ws.out / REALIZED_FILE
         self.protocol = protocol(ws)
         self.scores = read_scores(ws.out, self.protocol)
-        self.seen: set[int] = set()  # trials present at the last update: what came after are the newcomers
         self._calib = None
 
     def update(self, complete: list[optuna.trial.FrozenTrial]) -> list[int]:
-        """Realize the ``top`` distinct best by search fitness and the best newcomer since the last update (none at the
-        first), those not realized yet; returns their numbers."""
+        """Realize every trial among the ``top`` distinct best by search fitness not realized yet; returns them."""
         distinct = sorted((t for t in complete if "duplicate_of" not in t.user_attrs), key=lambda t: t.value)
-        newcomers = [t for t in distinct if t.number not in self.seen] if self.seen else []
-        self.seen = {t.number for t in complete}
-        picked = {t.number: t for t in distinct[:self.top] + newcomers[:1]}
-        todo = [t for t in picked.values() if t.number not in self.scores]
+        todo = [t for t in distinct[:self.top] if t.number not in self.scores]
         if not todo:
             return []
         ws = self.ws
