@@ -46,6 +46,19 @@ def read_scores(out: Path, expected: dict | None = None) -> dict[int, dict]:
     return {int(k): v for k, v in known.get("scores", {}).items()}
 
 
+def by_fitness(complete: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Completed trials best first by search fitness, one per distinct allocation (duplicates left out)."""
+    return sorted((t for t in complete if "duplicate_of" not in t.user_attrs), key=lambda t: t.value)
+
+
+def realized_value(ws, alloc: np.ndarray, calib, fitness, samples: int) -> float:
+    """Prune the dense model to ``alloc`` for real (``ws.prune_for_report``) and score it on the first ``samples``
+    sequences of ``fitness``; the model is left pruned (callers ``ws.reset()``)."""
+    ws.reset()
+    ws.prune_for_report(np.asarray(alloc), calib)
+    return fitness.value(*fitness.partial(ws.model, 0, samples))
+
+
 def best_realized(out: Path, n: int) -> list[int]:
     """The ``n`` trial numbers with the best realized fitness in a run folder (for the final selection)."""
     scores = read_scores(out)
@@ -64,8 +77,7 @@ class RealizedFitness:
 
     def update(self, complete: list[optuna.trial.FrozenTrial]) -> list[int]:
         """Realize every trial among the ``top`` distinct best by search fitness not realized yet; returns them."""
-        distinct = sorted((t for t in complete if "duplicate_of" not in t.user_attrs), key=lambda t: t.value)
-        todo = [t for t in distinct[:self.top] if t.number not in self.scores]
+        todo = [t for t in by_fitness(complete)[:self.top] if t.number not in self.scores]
         if not todo:
             return []
         ws = self.ws
@@ -73,9 +85,7 @@ class RealizedFitness:
             self._calib = ws.calibration_ids()
         for t in todo:
             start = time.perf_counter()
-            ws.reset()
-            ws.prune_for_report(np.asarray(t.user_attrs["allocation"]), self._calib)
-            value = ws.fitness.value(*ws.fitness.partial(ws.model, 0, ws.heldout.shape[0]))
+            value = realized_value(ws, t.user_attrs["allocation"], self._calib, ws.fitness, ws.heldout.shape[0])
             self.scores[t.number] = {"fitness": value, "search_fitness": t.value,
                                      "wall_s": time.perf_counter() - start}
             atomic_json(self.path, {"protocol": self.protocol, "scores": self.scores})  # a kill keeps what it measured

@@ -17,12 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import optuna
 
 from prunesearch.files import atomic_json, read_json
 from prunesearch.safety import UserError
-from search.realized import PARENTS, best_realized
+from search.realized import PARENTS, best_realized, by_fitness, realized_value
 from search.samplers import trial_label
 from search.seeds import START
 
@@ -57,7 +56,7 @@ def finalists(complete: list[optuna.trial.FrozenTrial], top: int, also: Sequence
     start not among them: an earlier answer (coarse to fine's block answer) is re-measured beside what the search
     found from it, so a run never ends worse on the fresh windows than where it started; then the trials ``also``
     names (the best realized allocations of ``--realize-top``)."""
-    distinct = sorted((t for t in complete if "duplicate_of" not in t.user_attrs), key=lambda t: t.value)
+    distinct = by_fitness(complete)
     starts = {t.user_attrs.get("duplicate_of", t.number) for t in complete
               if str(t.user_attrs.get("seed", "")).startswith(START)}  # a start equal to an earlier trial: that one
     return distinct[:top] + [t for t in distinct[top:] if t.number in starts or t.number in set(also)]
@@ -88,9 +87,7 @@ def select(ws, complete: list[optuna.trial.FrozenTrial], selection: Selection, p
         calib = ws.calibration_ids()
         for t in todo:
             start = time.perf_counter()
-            ws.reset()
-            ws.prune_for_report(np.asarray(t.user_attrs["allocation"]), calib)
-            value = fitness.value(*fitness.partial(ws.model, 0, selection.samples))
+            value = realized_value(ws, t.user_attrs["allocation"], calib, fitness, selection.samples)
             scores[t.number] = {"fitness": value, "wall_s": time.perf_counter() - start}
             atomic_json(path, {"protocol": protocol, "scores": scores})  # a killed finish keeps what it measured
         ws.reset()
