@@ -29,13 +29,15 @@ def extra_stats(pruner, model: nn.Module, calib_ids: torch.Tensor | None, device
 
 def prune_model(model: nn.Module, pruner, targets: dict[str, Target], calib_ids: torch.Tensor | None = None,
                 device: torch.device | str = "cpu", batch_size: int = 8,
-                stats_dtype: torch.dtype = torch.float32) -> dict:
+                stats_dtype: torch.dtype = torch.float32, extra: dict[str, torch.Tensor] | None = None) -> dict:
     """Prune every projection of ``model`` in place to its target; returns per-layer sparsity and timings.
 
     Data-free pruners (magnitude) prune the weights directly; the others walk the blocks with ``calib_ids``,
     gathering statistics on each dense block and propagating the calibration inputs through pruned blocks.
     A pruner with ``prune_block(i, block, batches, projections, targets, layout)`` prunes each block's touched
     projections itself; one with ``details()`` adds what it reports (hyperparameters, diagnostics) to the result.
+    ``extra``: the pruner's whole-model statistics computed beforehand (``extra_stats``), for a caller that prunes
+    many allocations of the same dense model (the search's sequential realizer); None computes them here.
     """
     lay = layout(model)
     touched = {n for n, t in targets.items() if t.sparsity > 0 or getattr(pruner, "wbits", None)}
@@ -48,7 +50,8 @@ def prune_model(model: nn.Module, pruner, targets: dict[str, Target], calib_ids:
     else:
         if calib_ids is None:
             raise ValueError(f"{pruner.name} needs calibration data")
-        extra = extra_stats(pruner, model, calib_ids, device) if touched else {}
+        if extra is None:
+            extra = extra_stats(pruner, model, calib_ids, device) if touched else {}
 
         def visit(i: int, block: nn.Module, batches) -> None:
             modules = {n: m for n, m in lay.projections[i].items() if n in touched}

@@ -113,11 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "a level database (default: wanda)")
     p.add_argument("--level-step", type=float, default=0.025,
                    help="sparsegpt only: sparsity step of the level grid on an average-size unit (default: 0.025)")
-    p.add_argument("--stats-inputs", choices=["dense", "pruned"],
+    p.add_argument("--stats-inputs", choices=["dense", "pruned", "candidate"],
                    help="where the pruner's statistics for the search's ranks or level database come from: the "
                         "dense model's inputs to every block (default for wanda, magnitude, gblm), or inputs "
                         "through the earlier blocks pruned uniformly at the budget, as the sequential pruner that "
-                        "realizes the result sees them (default for sparsegpt)")
+                        "realizes the result sees them (default for sparsegpt); candidate (wanda, gblm): every "
+                        "candidate pruned for real, sequentially, as the result will be (a calibration walk per "
+                        "trial)")
+    p.add_argument("--candidate-nsamples", type=int, metavar="N",
+                   help="--stats-inputs candidate: the first N calibration sequences prune each candidate "
+                        "(default: 8, at most --nsamples); the answer is pruned with all of them")
     p.add_argument("--fitness-data", default="c4", choices=["c4", "wikitext2", "ptb"],
                    help="held-out text the fitness is measured on: C4 documents kept apart from calibration and "
                         "reports (default), or the validation split of WikiText-2 / PTB (never their test split): "

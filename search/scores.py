@@ -16,7 +16,7 @@ from torch import nn
 
 from pruners.masks import Target, pruned_count
 from pruners.methods import get_method
-from pruners.oneshot import extra_stats, make_pruner
+from pruners.oneshot import extra_stats, make_pruner, prune_model
 from pruners.registry import ModelLayout, get_weight, set_weight
 from pruners.walker import collect_stats, run_block, walk
 
@@ -147,3 +147,26 @@ class Realizer:
             w = self.dense[name]
             s = targets.get(name, 0.0)
             set_weight(module, w.masked_fill(self.cache.mask(name, s), 0) if s > 0 else w)
+
+
+class SequentialRealizer:
+    """Prunes every candidate for real, as the final model will be (``--stats-inputs candidate``): the one-shot
+    pruner walks calibration sequences through the candidate's own pruned blocks. Exact where cached ranks are a
+    proxy (whose error on SmolLM2-135M at 70% is as large as what the search gains), at the cost of one
+    calibration walk per candidate. The pruner's whole-model statistics (GBLM's gradients) are computed once."""
+
+    def __init__(self, model: nn.Module, lay: ModelLayout, method: str, m: int, calib_ids: torch.Tensor,
+                 device: str = "cpu", batch_size: int = 8):
+        self.model, self.m, self.calib, self.device, self.batch_size = model, m, calib_ids, device, batch_size
+        self.pruner = make_pruner(method)
+        self.modules = {n: lay.projections[lay.block_of(n)][n] for n in lay.projection_names()}
+        self.dense = {n: get_weight(m).clone() for n, m in self.modules.items()}
+        self.extra = extra_stats(self.pruner, model, calib_ids, device)
+
+    def apply(self, targets: dict[str, float]) -> None:
+        """Put the dense weights back, then prune every projection with a target sequentially."""
+        for name, module in self.modules.items():
+            set_weight(module, self.dense[name])
+        pruned = {n: Target(s, self.m) for n, s in targets.items() if s > 0}
+        if pruned:
+            prune_model(self.model, self.pruner, pruned, self.calib, self.device, self.batch_size, extra=self.extra)

@@ -19,12 +19,15 @@ PRUNERS = tuple(names(searchable=True))
 SPACES = ("sparsity", "width", "both")
 DROP_SCAN = ("auto", "on", "off")
 # Where the pruner's statistics for the search's ranks or level database come from: the dense model's inputs to
-# every block, or inputs through the earlier blocks pruned uniformly at the budget (as realizing sees them). The
-# default depends on the realizer, as measured on SmolLM2-135M at 70% (README): the SparseGPT level database reads
-# allocations far worse than they realize from dense inputs (WikiText-2 PPL of the searched allocation 413 dense,
-# 342 pruned), while Wanda's ranks are better from dense inputs (401 dense, 427 pruned).
-STATS_INPUTS = ("dense", "pruned")
+# every block, or inputs through the earlier blocks pruned uniformly at the budget (as realizing sees them), or -
+# for Wanda and GBLM - the candidate's own pruned blocks: every candidate pruned for real, sequentially, on the first
+# ``candidate_nsamples`` calibration sequences (``search.scores.SequentialRealizer``). The default depends on the
+# realizer, as measured on SmolLM2-135M at 70% (README): the SparseGPT level database reads allocations far worse
+# than they realize from dense inputs (WikiText-2 PPL of the searched allocation 413 dense, 342 pruned), while
+# Wanda's ranks are better from dense inputs (401 dense, 427 pruned).
+STATS_INPUTS = ("dense", "pruned", "candidate")
 DEFAULT_STATS_INPUTS = {"ranks": "dense", "levels": "pruned"}
+CANDIDATE_NSAMPLES = 8  # calibration sequences a candidate is pruned with under candidate inputs (README: measured)
 # Default per-unit bounds: budget ± BOUND_WIDTH, inside [0, 0.99]. The best allocations of a real model span wide:
 # SmolLM2-135M at 70% wants ~0.4 in the first blocks and ~0.9 in the last (a ± 0.2 box cut that optimum off).
 BOUND_WIDTH = 0.35
@@ -71,6 +74,7 @@ class SearchSettings:
     width_score: str = "flap"
     latency_table: str | None = None  # a latency= budget's table (pruners.width.latency JSON); None: measure here
     stats_inputs: str | None = None  # None: the realizer's default (DEFAULT_STATS_INPUTS)
+    candidate_nsamples: int | None = None  # --stats-inputs candidate: calibration sequences per candidate
     fitness_data: str = "c4"  # the held-out text of the fitness: C4 documents, or a WikiText-2 / PTB validation split
     enqueue: list[str] = field(default_factory=list)  # sparsity configs measured first, beside the heuristic seeds
     drop_scan: str = "auto"  # search.drops: on, off, or auto (single-budget sparsity searches without --enqueue)
@@ -79,6 +83,8 @@ class SearchSettings:
         self.enqueue = [str(Path(c).resolve()) for c in self.enqueue]  # a resumed run finds them from any folder
         if self.stats_inputs is None and self.pruner in PRUNERS:
             self.stats_inputs = DEFAULT_STATS_INPUTS[self.realizer] if self.space == "sparsity" else "dense"
+        if self.stats_inputs == "candidate" and self.candidate_nsamples is None:
+            self.candidate_nsamples = min(CANDIDATE_NSAMPLES, self.nsamples)
 
     @property
     def multi_objective(self) -> bool:
@@ -101,6 +107,10 @@ class SearchSettings:
             raise UserError(f"search pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}{why}")
         if self.stats_inputs not in STATS_INPUTS:
             raise UserError(f"--stats-inputs must be one of {', '.join(STATS_INPUTS)}, got {self.stats_inputs!r}")
+        if self.stats_inputs == "candidate":
+            self._validate_candidate()
+        elif self.candidate_nsamples is not None:
+            raise UserError("--candidate-nsamples applies to --stats-inputs candidate only")
         from prunesearch.sources import NAMES
 
         if self.fitness_data not in NAMES:
@@ -148,6 +158,20 @@ class SearchSettings:
 
         for path in self.enqueue:
             SparsityConfig.load(path)  # a missing or malformed file is one line, before anything loads
+
+    def _validate_candidate(self) -> None:
+        """``--stats-inputs candidate`` prunes each candidate sequentially from its own inputs: a ranks pruner that
+        reads its inputs (not magnitude, which reads none; not the SparseGPT database, whose solver per candidate
+        would cost minutes), on at most the calibration it has."""
+        method = get_method(self.pruner)
+        if method.realizer != "ranks" or method.needs == "none":
+            usable = ", ".join(names(realizer="ranks", needs="inputs") + names(realizer="ranks", needs="gradients"))
+            raise UserError(f"--stats-inputs candidate prunes each candidate sequentially from its own inputs; it "
+                            f"needs a pruner that reads inputs and is realized from ranks ({usable}), got "
+                            f"--pruner {self.pruner}")
+        if not 0 < self.candidate_nsamples <= self.nsamples:
+            raise UserError(f"--candidate-nsamples must be in 1..--nsamples ({self.nsamples}), got "
+                            f"{self.candidate_nsamples}")
 
     def _validate_width(self) -> None:
         """What the width spaces cannot take: a sparsity= budget, N:M, another pruner (the both space prunes the

@@ -19,7 +19,7 @@ from search import faults, storage as storages
 from search.fitness import make_fitness
 from search.levels import LevelDatabase, LevelRealizer
 from search.samplers import allocation_key, param_name
-from search.scores import Realizer, ScoreCache
+from search.scores import Realizer, ScoreCache, SequentialRealizer
 from search.settings import BOUND_WIDTH, LEVEL_PARAM, RANGE_LEVELS, SearchSettings
 from search.space import Space, make_space, parse_budget_range
 
@@ -85,12 +85,20 @@ class Workspace:
             self.scores = self._level_database(cache, device, batch_size)
             self.realizer = LevelRealizer(self.lay, self.scores)
         else:
-            self.scores = self._score_cache(device, batch_size)
-            self.realizer = Realizer(self.lay, self.scores)
+            self.scores = self._score_cache(device, batch_size)  # with candidate inputs: OWL's ratios, the features
+            if settings.stats_inputs == "candidate":
+                calib = self.calibration_ids()[:settings.candidate_nsamples]
+                self.realizer = SequentialRealizer(self.model, self.lay, settings.pruner, self.m, calib, device,
+                                                   batch_size)
+            else:
+                self.realizer = Realizer(self.lay, self.scores)
 
     def _score_cache(self, device: str, batch_size: int) -> ScoreCache:
-        """The pruner's ranks of every weight of the dense model, cached per calibration protocol."""
+        """The pruner's ranks of every weight of the dense model, cached per calibration protocol (with candidate
+        inputs: the dense ranks, the same file)."""
         settings = self.settings
+        if settings.stats_inputs == "candidate":
+            settings = dataclasses.replace(settings, stats_inputs="dense")
         key = settings.key("model", "pruner", "pattern", "calib", "nsamples", "seqlen", "seed", "data_dir",
                            "stats_inputs", *(("budget",) if settings.stats_inputs == "pruned" else ()))
 
@@ -140,7 +148,7 @@ class Workspace:
     def stats_prefix(self) -> float | None:
         """With ``--stats-inputs pruned``, the sparsity every earlier block is pruned at while the statistics are
         gathered: the budget (the middle of a range), on the N:M grid; None for dense inputs."""
-        if self.settings.stats_inputs == "dense":
+        if self.settings.stats_inputs != "pruned":
             return None
         target = sum(self.target_range) / 2
         return round(target * self.m) / self.m if self.m else target

@@ -43,6 +43,9 @@ def cmd_search(args) -> int:
                          "once; --space both needs --predictor off")
     if args.realize_top < 0:
         raise UsageError(f"--realize-top must be 0 (off) or more, got {args.realize_top}")
+    if args.realize_top and args.stats_inputs == "candidate":
+        raise UsageError("--realize-top re-scores the cached ranks' best candidates pruned for real; with "
+                         "--stats-inputs candidate every candidate is pruned for real already")
     if multi and args.select_top:
         raise UsageError("--select-top picks one allocation; a budget range keeps its whole Pareto front (give "
                          "one budget, or leave --select-top out)")
@@ -58,6 +61,7 @@ def cmd_search(args) -> int:
         min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, calib=args.calib, seed=args.seed,
         data_dir=args.data_dir, level_step=args.level_step, space=args.space,
         width_score=args.width_score or "flap", latency_table=args.latency_table, stats_inputs=args.stats_inputs,
+        candidate_nsamples=args.candidate_nsamples,
         fitness_data=args.fitness_data, enqueue=args.enqueue or [], drop_scan=args.drop_scan, **effort,
     )
     chosen = default_selection(args.model is None, device)
