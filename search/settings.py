@@ -48,6 +48,13 @@ def default_effort(builtin: bool, device: str) -> dict:
     return dict(EFFORT["builtin" if builtin else "gpu" if device.startswith("cuda") else "cpu"])
 
 
+def prunes_candidates(pruner: str) -> bool:
+    """Whether ``--stats-inputs candidate`` applies: a pruner realized from ranks that reads its inputs (Wanda,
+    GBLM; magnitude reads none, and SparseGPT's solver per candidate would cost minutes)."""
+    method = get_method(pruner)
+    return method.realizer == "ranks" and method.needs != "none"
+
+
 @dataclass
 class SearchSettings:
     """Everything that defines a study; two runs with equal settings are the same study."""
@@ -163,9 +170,8 @@ class SearchSettings:
         """``--stats-inputs candidate`` prunes each candidate sequentially from its own inputs: a ranks pruner that
         reads its inputs (not magnitude, which reads none; not the SparseGPT database, whose solver per candidate
         would cost minutes), on at most the calibration it has."""
-        method = get_method(self.pruner)
-        if method.realizer != "ranks" or method.needs == "none":
-            usable = ", ".join(names(realizer="ranks", needs="inputs") + names(realizer="ranks", needs="gradients"))
+        if not prunes_candidates(self.pruner):
+            usable = ", ".join(p for p in PRUNERS if prunes_candidates(p))
             raise UserError(f"--stats-inputs candidate prunes each candidate sequentially from its own inputs; it "
                             f"needs a pruner that reads inputs and is realized from ranks ({usable}), got "
                             f"--pruner {self.pruner}")

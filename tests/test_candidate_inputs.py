@@ -74,8 +74,7 @@ def test_gblm_candidates_reuse_the_dense_gradients(tiny_llama_dir, tiny_calib_fi
 
 
 def test_search_with_candidate_inputs_end_to_end(tiny_llama_dir, tiny_calib_file, tmp_path):
-    """The CLI search prunes every trial for real; its best trial's fitness is the chosen allocation's pruned
-    model on the fitness sequences, and the run records the setting."""
+    """A CLI search with candidate inputs runs end to end and records the setting."""
     from prunesearch.cli import main
 
     out = tmp_path / "run"
