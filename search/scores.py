@@ -160,7 +160,7 @@ class SequentialRealizer:
         self.model, self.m, self.calib, self.device, self.batch_size = model, m, calib_ids, device, batch_size
         self.pruner = make_pruner(method)
         self.modules = {n: lay.projections[lay.block_of(n)][n] for n in lay.projection_names()}
-        self.dense = {n: get_weight(m).clone() for n, m in self.modules.items()}
+        self.dense = {n: get_weight(module).clone() for n, module in self.modules.items()}
         self.extra = extra_stats(self.pruner, model, calib_ids, device)
 
     def apply(self, targets: dict[str, float]) -> None:

@@ -27,7 +27,7 @@ DROP_SCAN = ("auto", "on", "off")
 # Wanda's ranks are better from dense inputs (401 dense, 427 pruned).
 STATS_INPUTS = ("dense", "pruned", "candidate")
 DEFAULT_STATS_INPUTS = {"ranks": "dense", "levels": "pruned"}
-CANDIDATE_NSAMPLES = 8  # calibration sequences a candidate is pruned with under candidate inputs (README: measured)
+CANDIDATE_NSAMPLES = 8  # per candidate; orders allocations as all 32 do (candidate_inputs-smollm2-wanda-70.md)
 # Default per-unit bounds: budget ± BOUND_WIDTH, inside [0, 0.99]. The best allocations of a real model span wide:
 # SmolLM2-135M at 70% wants ~0.4 in the first blocks and ~0.9 in the last (a ± 0.2 box cut that optimum off).
 BOUND_WIDTH = 0.35
@@ -167,9 +167,7 @@ class SearchSettings:
             SparsityConfig.load(path)  # a missing or malformed file is one line, before anything loads
 
     def _validate_candidate(self) -> None:
-        """``--stats-inputs candidate`` prunes each candidate sequentially from its own inputs: a ranks pruner that
-        reads its inputs (not magnitude, which reads none; not the SparseGPT database, whose solver per candidate
-        would cost minutes), on at most the calibration it has."""
+        """``--stats-inputs candidate`` needs a pruner that takes it and no more calibration than the run has."""
         if not prunes_candidates(self.pruner):
             usable = ", ".join(p for p in PRUNERS if prunes_candidates(p))
             raise UserError(f"--stats-inputs candidate prunes each candidate sequentially from its own inputs; it "
