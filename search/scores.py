@@ -10,6 +10,10 @@ OWL's per-block outlier ratios always come from the dense model, as OWL defines 
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -147,6 +151,22 @@ class Realizer:
             w = self.dense[name]
             s = targets.get(name, 0.0)
             set_weight(module, w.masked_fill(self.cache.mask(name, s), 0) if s > 0 else w)
+
+
+@dataclass
+class OutlierRatios:
+    """OWL's outlier ratio per block of the dense model, alone: all a candidate-input search needs of the dense
+    statistics (its candidates are pruned from their own inputs, so no ranks are kept: they would hold 4 bytes per
+    weight)."""
+
+    outlier_ratio: list[float]
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.outlier_ratio))
+
+    @classmethod
+    def load(cls, path) -> OutlierRatios:
+        return cls([float(v) for v in json.loads(Path(path).read_text())])
 
 
 class SequentialRealizer:

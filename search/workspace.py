@@ -19,7 +19,7 @@ from search import faults, storage as storages
 from search.fitness import make_fitness
 from search.levels import LevelDatabase, LevelRealizer
 from search.samplers import allocation_key, param_name
-from search.scores import Realizer, ScoreCache, SequentialRealizer
+from search.scores import OutlierRatios, Realizer, ScoreCache, SequentialRealizer, dense_outlier_ratios
 from search.settings import BOUND_WIDTH, LEVEL_PARAM, RANGE_LEVELS, SearchSettings
 from search.space import Space, make_space, parse_budget_range
 
@@ -79,26 +79,24 @@ class Workspace:
             check_pattern_fits_layout(self.lay, self.m)
 
     def _prepare_realizer(self, device: str, batch_size: int) -> None:
-        """The pruner's cached weight ranks (or SparseGPT level database) and the realizer that applies them."""
+        """The pruner's cached weight ranks (or SparseGPT level database; with candidate inputs, OWL's ratios alone)
+        and the realizer that applies them."""
         settings, cache = self.settings, self.cache
         if settings.realizer == "levels":
             self.scores = self._level_database(cache, device, batch_size)
             self.realizer = LevelRealizer(self.lay, self.scores)
+        elif settings.stats_inputs == "candidate":
+            self.scores = self._outlier_ratios(device, batch_size)
+            calib = self.calibration_ids()[:settings.candidate_nsamples]
+            self.realizer = SequentialRealizer(self.model, self.lay, settings.pruner, self.m, calib, device,
+                                               batch_size)
         else:
-            self.scores = self._score_cache(device, batch_size)  # with candidate inputs: OWL's ratios, the features
-            if settings.stats_inputs == "candidate":
-                calib = self.calibration_ids()[:settings.candidate_nsamples]
-                self.realizer = SequentialRealizer(self.model, self.lay, settings.pruner, self.m, calib, device,
-                                                   batch_size)
-            else:
-                self.realizer = Realizer(self.lay, self.scores)
+            self.scores = self._score_cache(device, batch_size)
+            self.realizer = Realizer(self.lay, self.scores)
 
     def _score_cache(self, device: str, batch_size: int) -> ScoreCache:
-        """The pruner's ranks of every weight of the dense model, cached per calibration protocol (with candidate
-        inputs: the dense ranks, the same file)."""
+        """The pruner's ranks of every weight of the dense model, cached per calibration protocol."""
         settings = self.settings
-        if settings.stats_inputs == "candidate":
-            settings = dataclasses.replace(settings, stats_inputs="dense")
         key = settings.key("model", "pruner", "pattern", "calib", "nsamples", "seqlen", "seed", "data_dir",
                            "stats_inputs", *(("budget",) if settings.stats_inputs == "pruned" else ()))
 
@@ -111,6 +109,17 @@ class Workspace:
 
         return load_or_build(self.cache / f"scores-{key}.safetensors", ScoreCache.load, build,
                              lambda c, tmp: c.save(tmp), "score cache")
+
+    def _outlier_ratios(self, device: str, batch_size: int) -> OutlierRatios:
+        """OWL's ratios of the dense model (one calibration walk), cached per calibration protocol."""
+        key = self.settings.key("model", "calib", "nsamples", "seqlen", "seed", "data_dir")
+
+        def build() -> OutlierRatios:
+            return OutlierRatios(dense_outlier_ratios(self.model, self.lay, self.calibration_ids(), device,
+                                                      batch_size))
+
+        return load_or_build(self.cache / f"outliers-{key}.json", OutlierRatios.load, build,
+                             lambda r, tmp: r.save(tmp), "outlier ratios")
 
     def calibration_ids(self) -> torch.Tensor:
         """The calibration sequences the pruner's statistics come from (also used to realize the report)."""

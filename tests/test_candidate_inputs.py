@@ -30,6 +30,8 @@ def test_a_candidate_is_the_sequentially_pruned_model(family, tmp_path, tiny_tok
     ws = Workspace(search_settings(d, tiny_calib_file, stats_inputs="candidate", candidate_nsamples=2),
                    tmp_path / "w")
     proxy = Workspace(search_settings(d, tiny_calib_file), tmp_path / "p")
+    assert not hasattr(ws.scores, "ranks")  # no ranks kept: OWL's ratios alone, the dense model's
+    assert ws.scores.outlier_ratio == pytest.approx(proxy.scores.outlier_ratio, rel=1e-6)
     alloc = np.linspace(0.35, 0.85, ws.space.dim)
     ws.realize(alloc)
     searched = _weights(ws)
