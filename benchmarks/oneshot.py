@@ -142,7 +142,8 @@ def main() -> None:
     protocol = {"model": source, "model_source": describe_model(source),
                 "ppl_data": data.describe("wikitext2", args.data_dir, "evaluation"), "seqlen": seqlen,
                 "eval_tokens": n_eval, "eval_windows": args.eval_windows,
-                "calib": data.describe("c4", args.data_dir, "calibration"), "nsamples": args.nsamples, "seed": 0, "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "calib": data.describe("c4", args.data_dir, "calibration"), "nsamples": args.nsamples, "seed": 0,
+                "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "machine": platform.processor() or platform.machine(),
                 "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
     result = {"protocol": protocol, "calib_forward_s": fwd, "eval_tokens_per_s": eval_tps, "rows": rows}

@@ -223,9 +223,10 @@ def build(run_path: Path, out: Path, compare: list[Path] = ()) -> tuple[Path, li
     if "selection" in run.summary:
         sel = run.summary["selection"]
         p = sel["protocol"]
+        beyond = "" if len(sel["finalists"]) <= p["top"] else " and the starts or best realized ones beyond them"
         parts += ["<h2>Final selection</h2>",
                   f"<p class='note'>The {min(len(sel['finalists']), p['top'])} best allocations by search fitness"
-                  f"{'' if len(sel['finalists']) <= p['top'] else ' and the starts or best realized ones beyond them'}, "
+                  f"{beyond}, "
                   f"{html.escape(p['realized_with'])}, each measured on {p['samples']} fresh "
                   f"{html.escape(p['windows'])}; the lowest is the best above (trial {sel['chosen']}).</p>",
                   _table(pd.DataFrame(sel["finalists"]))]
