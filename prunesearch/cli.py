@@ -132,10 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured first beside the heuristic seeds, fitted to this budget and granularity: a "
                         "block-level answer starts a --granularity projection search (repeatable)")
     p.add_argument("--drop-scan", default="auto", choices=DROP_SCAN,
-                   help="after the seeds, measure the best seed with each block in turn nearly removed (at the top "
-                        "of its range, its weights spread over the others), then the best few drops together: one "
-                        "trial per block plus at most 7 (default auto: single-budget sparsity searches that do not "
-                        "start from an --enqueue config, when it takes at most half the trials left)")
+                   help="after the seeds, measure the best seed with each run of --drop-run adjacent blocks in turn "
+                        "nearly removed (at the top of its range, its weights spread over the others), then the "
+                        "best few together: one trial per run plus at most 7 (default auto: single-budget sparsity "
+                        "searches that do not start from an --enqueue config, when it takes at most half the "
+                        "trials left)")
+    p.add_argument("--drop-run", type=int, metavar="N",
+                   help="blocks per drop-scan unit (default: a tenth of the depth, at least 1: single blocks up to "
+                        "14 blocks, runs of 3 on 30); single drops are then combined best first, runs in pairs")
     p.add_argument("--fitness", default="kl", choices=["kl", "ppl"], help="KL to the dense model (default) or "
                                                                          "perplexity, on the --fitness-data tokens")
     p.add_argument("--min-sparsity", type=float, help="lower bound per unit (default: budget - 0.35)")

@@ -1,10 +1,13 @@
-"""The block-drop scan: after the seeds, measure the best seed with each block in turn nearly removed, then with
-the best few drops together, before the sampler or predictor takes over.
+"""The block-drop scan: after the seeds, measure the best seed with each run of adjacent blocks in turn nearly
+removed, then the best few runs together, before the sampler or predictor takes over.
 
 On SmolLM2-135M at 70% (Wanda ranks), dropping one block of ATP 0.3 to the top of its range changed the search KL
 by −0.08 to +5.6 nats, and the good drops compound: blocks 14 and 15 together −0.13, blocks 5, 12, 14 and 15
 −0.18 (``results/benchmarks/block_drops-smollm2-wanda-70.md``). A random drop among a search's children finds one
-good block by luck and rarely a second; a scan of every block costs one trial per block and finds them all.
+good block by luck and rarely a second; a scan costs one trial per unit and finds them all. Its units are runs of
+adjacent blocks on deep models: the good sets there are runs (blocks 3–5 and 13–15), and a block of a run can gain
+nothing alone and 0.07 nats once its neighbours are gone, so single drops combined in order of gain land in
+another basin of drop sets (``results/benchmarks/drop_sets-smollm2-wanda-70.md``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from search.space import Space
 
 log = logging.getLogger("prunesearch.search")
 MAX_TOGETHER = 8  # at most this many of the best single drops are combined
+BEST_RUNS = 4  # runs of several blocks: every non-overlapping pair of the best this many is measured
 
 
 def scan_applies(settings, space) -> bool:
@@ -32,29 +36,43 @@ def scan_applies(settings, space) -> bool:
     return settings.drop_scan == "on" or not settings.enqueue
 
 
-def scan_size(space: Space) -> int:
-    """The most trials a scan measures: one per block, then the best 2 … ``MAX_TOGETHER`` drops together."""
+def run_length(blocks: int) -> int:
+    """Blocks per scan unit by default: about a tenth of the depth (single blocks up to 14 blocks deep, runs of 3
+    on SmolLM2's 30)."""
+    return max(1, round(blocks / 10))
+
+
+def scan_size(space: Space, run: int | None = None) -> int:
+    """The most trials a scan measures: one per run of ``run`` adjacent blocks, then the best 2 … ``MAX_TOGETHER``
+    single drops together, or the non-overlapping pairs of the ``BEST_RUNS`` best runs."""
     blocks = len(set(space.blocks))
-    return blocks + max(0, min(blocks, MAX_TOGETHER) - 1)
+    run = _unit(space, run)
+    runs = blocks - run + 1
+    if run == 1:
+        return runs + max(0, min(blocks, MAX_TOGETHER) - 1)
+    best = min(runs, BEST_RUNS)
+    return runs + best * (best - 1) // 2
 
 
 def drop_scan(study: optuna.Study, ws, rule: faults.StopRule, storage: str | None = None,
-              progress: bool = False) -> None:
-    """Run (or resume) the scan on the best completed trial so far; skipped, with a log line, when it would take
-    more than half the trials left after the queued seeds. Scan trials are measured in full and enter the study
-    like any other."""
+              progress: bool = False, run: int | None = None) -> None:
+    """Run (or resume) the scan on the best completed trial so far, with units of ``run`` adjacent blocks (None:
+    ``run_length``); skipped, with a log line, when it would take more than half the trials left after the queued
+    seeds. Scan trials are measured in full and enter the study like any other."""
     from tqdm.auto import tqdm
 
     space = ws.space
+    run = _unit(space, run)
     left = rule.left(study) - len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))  # after the seeds
-    if rule.trials is not None and 2 * scan_size(space) > left and not _scanned(study):
-        log.info("drop scan skipped: its %d trials would take more than half of the %d left", scan_size(space), left)
+    size = scan_size(space, run)
+    if rule.trials is not None and 2 * size > left and not _scanned(study):
+        log.info("drop scan skipped: its %d trials would take more than half of the %d left", size, left)
         return
     with tqdm(desc="drop scan", disable=not progress, dynamic_ncols=True) as bar:
-        _scan(study, ws, rule, storage, lambda: _measure_waiting(study, ws, rule, bar))
+        _scan(study, ws, run, storage, lambda: _measure_waiting(study, ws, rule, bar))
 
 
-def _scan(study: optuna.Study, ws, rule: faults.StopRule, storage: str | None, measure) -> None:
+def _scan(study: optuna.Study, ws, run: int, storage: str | None, measure) -> None:
     space = ws.space
     measure()  # the seeds first: the scan starts from the best of them
     base = _base(study)
@@ -62,19 +80,42 @@ def _scan(study: optuna.Study, ws, rule: faults.StopRule, storage: str | None, m
         return
     alloc = np.asarray(base.user_attrs["allocation"], dtype=np.float64)
     blocks = sorted(set(int(b) for b in space.blocks))
-    _enqueue(study, ws, {f"block-{b}": _drop(space, alloc, [b]) for b in blocks}, base, storage)
+    units = {_label(r): r for r in (tuple(blocks[i:i + run]) for i in range(len(blocks) - run + 1))}
+    _enqueue(study, ws, {name: _drop(space, alloc, r) for name, r in units.items()}, base, storage)
     measure()
-    single = _results(study, "block-")
-    gains = sorted((single[f"block-{b}"] - base.value, b) for b in blocks if f"block-{b}" in single)
-    good = [b for gain, b in gains if gain < 0][:MAX_TOGETHER]
-    together = {f"top-{k}": _drop(space, alloc, good[:k]) for k in range(2, len(good) + 1)}
-    _enqueue(study, ws, together, base, storage)
+    scanned = _results(study, "block-" if run == 1 else "run-")
+    gains = sorted((scanned[name] - base.value, r) for name, r in units.items() if name in scanned)
+    good = [r for gain, r in gains if gain < 0]
+    _enqueue(study, ws, {name: _drop(space, alloc, drop) for name, drop in _together(good).items()}, base, storage)
     measure()
-    log.info("drop scan from trial %d (%.4f): %d of %d single drops improve it (best: %s)", base.number, base.value,
-             len(good), len(blocks), ", ".join(f"block {b} {g:+.4f}" for g, b in gains[:3]))
+    log.info("drop scan from trial %d (%.4f): %d of %d drops improve it (best: %s)", base.number, base.value,
+             len(good), len(units), ", ".join(f"{_label(r)} {g:+.4f}" for g, r in gains[:3]))
 
 
-def _drop(space: Space, alloc: np.ndarray, blocks: list[int]) -> np.ndarray:
+def _unit(space: Space, run: int | None) -> int:
+    """Blocks per unit: ``run`` (default ``run_length``), at most the model's depth."""
+    blocks = len(set(space.blocks))
+    return min(run or run_length(blocks), blocks)
+
+
+def _label(run: tuple[int, ...]) -> str:
+    return f"block-{run[0]}" if len(run) == 1 else f"run-{run[0]}-{run[-1]}"
+
+
+def _together(good: list[tuple[int, ...]]) -> dict[str, list[int]]:
+    """The drop sets measured after the units, from the improving units best first: single blocks in order of
+    gain (``top-2`` … ``top-8``, the gains roughly add); runs in every non-overlapping pair of the best
+    ``BEST_RUNS`` (``pair-3-5+13-15``): neighbouring runs share blocks and the best of them cluster, so the best
+    pair is often not the two best runs."""
+    if all(len(r) == 1 for r in good):
+        top = [r[0] for r in good[:MAX_TOGETHER]]
+        return {f"top-{k}": top[:k] for k in range(2, len(top) + 1)}
+    best = good[:BEST_RUNS]
+    return {f"pair-{_label(a)[4:]}+{_label(b)[4:]}": sorted(a + b)
+            for i, a in enumerate(best) for b in best[i + 1:] if not set(a) & set(b)}
+
+
+def _drop(space: Space, alloc: np.ndarray, blocks) -> np.ndarray:
     """The sampled values of a drop: inside the bounds (the trial's allocation projects them onto the budget)."""
     return np.clip(drop_blocks(space, alloc, blocks, space.high), space.low, space.high)
 

@@ -16,7 +16,7 @@ def param_name(unit: str) -> str:
     return f"x[{unit}]"
 
 
-SCAN = "drop-scan"  # the ``guide`` attribute of the block-drop scan's trials: drop-scan/block-K, drop-scan/top-K
+SCAN = "drop-scan"  # the drop scan's ``guide``: drop-scan/block-K, /top-K, /run-A-B, /pair-A-B+C-D
 
 
 def trial_label(trial, sampler: str) -> str:

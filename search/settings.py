@@ -85,6 +85,7 @@ class SearchSettings:
     fitness_data: str = "c4"  # the held-out text of the fitness: C4 documents, or a WikiText-2 / PTB validation split
     enqueue: list[str] = field(default_factory=list)  # sparsity configs measured first, beside the heuristic seeds
     drop_scan: str = "auto"  # search.drops: on, off, or auto (single-budget sparsity searches without --enqueue)
+    drop_run: int | None = None  # blocks per drop-scan unit; None: search.drops.run_length (a tenth of the depth)
 
     def __post_init__(self):
         self.enqueue = [str(Path(c).resolve()) for c in self.enqueue]  # a resumed run finds them from any folder
@@ -124,6 +125,8 @@ class SearchSettings:
             raise UserError(f"--fitness-data must be one of {', '.join(NAMES)}, got {self.fitness_data!r}")
         if self.drop_scan not in DROP_SCAN:
             raise UserError(f"--drop-scan must be one of {', '.join(DROP_SCAN)}, got {self.drop_scan!r}")
+        if self.drop_run is not None and self.drop_run < 1:
+            raise UserError(f"--drop-run must be a whole number of blocks >= 1, got {self.drop_run}")
         if not 0 < self.level_step < 1:
             raise UserError(f"level step must be in (0, 1), got {self.level_step}")
         from search.fitness import KINDS

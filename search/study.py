@@ -217,7 +217,7 @@ def run_search(settings: SearchSettings, out: Path, trials: int | None = None, t
         rule = faults.stop_rule(ws, trials, time.time() + time_budget if time_budget else None)
         deadline = rule.deadline
         if scan_applies(settings, ws.space):  # before other workers start: they would take the queued scan
-            drop_scan(study, ws, rule, storage, progress)
+            drop_scan(study, ws, rule, storage, progress, settings.drop_run)
         procs = []
         interrupted = False
         if workers > 1:

@@ -1,5 +1,6 @@
-"""The block-drop scan (``search.drops``): after the seeds, every block of the best seed nearly removed in turn, then
-the improving drops together; measured in full, labelled, resumable, and off where it does not apply."""
+"""The block-drop scan (``search.drops``): after the seeds, every block (or run of adjacent blocks) of the best seed
+nearly removed in turn, then the improving drops together; measured in full, labelled, resumable, and off where it
+does not apply."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import search_argv
 from prunesearch.cli import main
-from search.drops import drop_scan
+from search.drops import drop_scan, run_length, scan_size
 from search.faults import StopRule
 from search.samplers import drop_blocks, param_name
 from search.space import Space
@@ -74,6 +75,37 @@ def test_the_scan_combines_the_improving_drops_best_first(tmp_path):
     assert len(study.get_trials()) == len(trials)
 
 
+def test_runs_are_scanned_then_the_best_four_paired_where_they_do_not_overlap(tmp_path):
+    # blocks 3-4 and 7-8 are cheap: the four best runs of three are 2-4, 3-5, 6-8 and 7-9 in some order, and of
+    # their pairs only the four that share no block are measured
+    ws = _Linear(tmp_path, [3.0, 2.0, 1.0, -2.0, -2.0, 1.0, 0.5, -1.5, -1.5, 0.8, 2.5, 3.0])
+    study = optuna.create_study()
+    study.enqueue_trial({param_name(u): 0.6 for u in ws.space.units}, user_attrs={"seed": "uniform"})
+    drop_scan(study, ws, StopRule(trials=60, deadline=None), run=3)
+    by = {t.user_attrs["guide"][len("drop-scan/"):]: t for t in study.get_trials()[1:]}
+    base = study.get_trials()[0].value
+    runs = {name: t.value - base for name, t in by.items() if name.startswith("run-")}
+    assert sorted(runs) == sorted(f"run-{b}-{b + 2}" for b in range(10))
+    best = sorted((g, name) for name, g in runs.items() if g < 0)[:4]
+    assert sorted(name for _, name in best) == ["run-2-4", "run-3-5", "run-6-8", "run-7-9"]
+    pairs = {name for name in by if name.startswith("pair-")}
+    assert pairs == {"pair-2-4+6-8", "pair-2-4+7-9", "pair-3-5+6-8", "pair-3-5+7-9"}
+    assert len(by) == scan_size(ws.space, 3) - 2  # 10 runs + 4 of the 6 pairs of the best four
+    chosen = np.array(by["pair-3-5+7-9"].user_attrs["allocation"])  # six of twelve dropped: projected onto 0.6
+    dropped = np.isin(np.arange(12), [3, 4, 5, 7, 8, 9])
+    assert chosen[dropped] == pytest.approx([0.9] * 6) and chosen[~dropped] == pytest.approx([0.3] * 6)
+    assert min(by[p].value for p in pairs) < min(t.value for name, t in by.items() if name.startswith("run-"))
+    drop_scan(study, ws, StopRule(trials=60, deadline=None), run=3)  # resumed: nothing new
+    assert len(study.get_trials()) == 1 + len(by)
+
+
+def test_the_default_unit_is_a_tenth_of_the_depth():
+    assert [run_length(n) for n in (4, 6, 12, 24, 30, 32, 80)] == [1, 1, 1, 2, 3, 3, 8]
+    space = _Linear(None, np.zeros(30)).space
+    assert scan_size(space) == 28 + 6 and scan_size(space, 1) == 30 + 7
+    assert scan_size(_Linear(None, np.zeros(6)).space) == 6 + 5
+
+
 def _trials(folder) -> pd.DataFrame:
     return pd.read_parquet(folder / "trials.parquet")
 
@@ -105,6 +137,30 @@ def test_the_scan_measures_every_drop_of_the_best_seed_then_the_best_together(ti
     again = _trials(out)
     scan = t.label.str.startswith("drop-scan/").sum()
     assert len(again) == 28 and again.label.str.startswith("drop-scan/").sum() == scan
+
+
+def test_drop_run_sets_the_units_from_the_command_line(tiny_llama_dir, tiny_calib_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(search_argv(tiny_llama_dir, tiny_calib_file, out, "--select-top", "0", "--drop-run", "2",
+                            trials=24)) == 0
+    t = _trials(out)
+    scan = t[t.label.str.startswith("drop-scan/")]
+    runs = scan[scan.label.str.startswith("drop-scan/run-")]
+    assert sorted(runs.label) == ["drop-scan/run-0-1", "drop-scan/run-1-2", "drop-scan/run-2-3"]
+    for _, row in runs.iterrows():
+        first, last = map(int, row.label.split("run-")[1].split("-"))
+        assert row[f"s[{first}]"] == pytest.approx(0.9) and row[f"s[{last}]"] == pytest.approx(0.9)
+    # the one pair of 2-block runs that do not overlap, measured only if both improve on the base
+    assert set(scan.label) - set(runs.label) <= {"drop-scan/pair-0-1+2-3"}
+    assert (runs.state == "COMPLETE").all() and (scan.number > runs.number.min() - 1).all()
+
+
+def test_drop_run_below_one_is_refused(tiny_llama_dir, tiny_calib_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(search_argv(tiny_llama_dir, tiny_calib_file, out, "--drop-run", "0")) == 2
+    err = capsys.readouterr().err
+    assert "--drop-run must be a whole number of blocks >= 1, got 0" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("extra, why", [

@@ -62,7 +62,8 @@ def cmd_search(args) -> int:
         data_dir=args.data_dir, level_step=args.level_step, space=args.space,
         width_score=args.width_score or "flap", latency_table=args.latency_table, stats_inputs=args.stats_inputs,
         candidate_nsamples=args.candidate_nsamples,
-        fitness_data=args.fitness_data, enqueue=args.enqueue or [], drop_scan=args.drop_scan, **effort,
+        fitness_data=args.fitness_data, enqueue=args.enqueue or [], drop_scan=args.drop_scan,
+        drop_run=args.drop_run, **effort,
     )
     chosen = default_selection(args.model is None, device)
     selection = Selection(0 if multi else chosen.top if args.select_top is None else args.select_top,
