@@ -62,7 +62,7 @@ def drop_scan(study: optuna.Study, ws, rule: faults.StopRule, storage: str | Non
     from tqdm.auto import tqdm
 
     space = ws.space
-    run = _unit(space, run)
+    run = _recorded_run(study) or _unit(space, run)  # a resumed scan keeps the units it started with
     left = rule.left(study) - len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))  # after the seeds
     size = scan_size(space, run)
     if rule.trials is not None and 2 * size > left and not _scanned(study):
@@ -96,6 +96,19 @@ def _unit(space: Space, run: int | None) -> int:
     """Blocks per unit: ``run`` (default ``run_length``), at most the model's depth."""
     blocks = len(set(space.blocks))
     return min(run or run_length(blocks), blocks)
+
+
+def _recorded_run(study: optuna.Study) -> int | None:
+    """The unit length of a scan already in the study (``block-K``: 1, ``run-A-B``: B − A + 1), else None."""
+    for t in study.get_trials(deepcopy=False):
+        guide = str(t.user_attrs.get("guide", ""))
+        name = guide[len(SCAN) + 1:] if guide.startswith(SCAN + "/") else ""
+        if name.startswith("block-"):
+            return 1
+        if name.startswith("run-"):
+            first, last = name[len("run-"):].split("-")
+            return int(last) - int(first) + 1
+    return None
 
 
 def _label(run: tuple[int, ...]) -> str:

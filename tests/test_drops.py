@@ -72,6 +72,7 @@ def test_the_scan_combines_the_improving_drops_best_first(tmp_path):
     assert pair[[1, 3]] == pytest.approx([0.95, 0.95]) and pair.mean() == pytest.approx(0.6)
     assert by["drop-scan/top-2"].value < min(by["drop-scan/block-1"].value, by["drop-scan/block-3"].value)
     drop_scan(study, ws, StopRule(trials=40, deadline=None))  # resumed: nothing new
+    drop_scan(study, ws, StopRule(trials=40, deadline=None), run=2)  # nor with runs: the scan keeps its units
     assert len(study.get_trials()) == len(trials)
 
 
@@ -96,6 +97,8 @@ def test_runs_are_scanned_then_the_best_four_paired_where_they_do_not_overlap(tm
     assert chosen[dropped] == pytest.approx([0.9] * 6) and chosen[~dropped] == pytest.approx([0.3] * 6)
     assert min(by[p].value for p in pairs) < min(t.value for name, t in by.items() if name.startswith("run-"))
     drop_scan(study, ws, StopRule(trials=60, deadline=None), run=3)  # resumed: nothing new
+    assert len(study.get_trials()) == 1 + len(by)
+    drop_scan(study, ws, StopRule(trials=60, deadline=None), run=1)  # resumed with another unit: the scan's own
     assert len(study.get_trials()) == 1 + len(by)
 
 
