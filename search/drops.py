@@ -62,7 +62,7 @@ def drop_scan(study: optuna.Study, ws, rule: faults.StopRule, storage: str | Non
     from tqdm.auto import tqdm
 
     space = ws.space
-    run = _recorded_run(study) or _unit(space, run)  # a resumed scan keeps the units it started with
+    run = _recorded_run(study) or _unit(space, run)
     left = rule.left(study) - len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))  # after the seeds
     size = scan_size(space, run)
     if rule.trials is not None and 2 * size > left and not _scanned(study):
@@ -81,12 +81,13 @@ def _scan(study: optuna.Study, ws, run: int, storage: str | None, measure) -> No
     alloc = np.asarray(base.user_attrs["allocation"], dtype=np.float64)
     blocks = sorted(set(int(b) for b in space.blocks))
     units = {_label(r): r for r in (tuple(blocks[i:i + run]) for i in range(len(blocks) - run + 1))}
-    _enqueue(study, ws, {name: _drop(space, alloc, r) for name, r in units.items()}, base, storage)
+    _enqueue(study, ws, {name: _drop(space, alloc, r) for name, r in units.items()}, base, run, storage)
     measure()
-    scanned = _results(study, "block-" if run == 1 else "run-")
+    scanned = _results(study)
     gains = sorted((scanned[name] - base.value, r) for name, r in units.items() if name in scanned)
     good = [r for gain, r in gains if gain < 0]
-    _enqueue(study, ws, {name: _drop(space, alloc, drop) for name, drop in _together(good).items()}, base, storage)
+    together = {name: _drop(space, alloc, drop) for name, drop in _together(good, run).items()}
+    _enqueue(study, ws, together, base, run, storage)
     measure()
     log.info("drop scan from trial %d (%.4f): %d of %d drops improve it (best: %s)", base.number, base.value,
              len(good), len(units), ", ".join(f"{_label(r)} {g:+.4f}" for g, r in gains[:3]))
@@ -99,32 +100,26 @@ def _unit(space: Space, run: int | None) -> int:
 
 
 def _recorded_run(study: optuna.Study) -> int | None:
-    """The unit length of a scan already in the study (``block-K``: 1, ``run-A-B``: B − A + 1), else None."""
-    for t in study.get_trials(deepcopy=False):
-        guide = str(t.user_attrs.get("guide", ""))
-        name = guide[len(SCAN) + 1:] if guide.startswith(SCAN + "/") else ""
-        if name.startswith("block-"):
-            return 1
-        if name.startswith("run-"):
-            first, last = name[len("run-"):].split("-")
-            return int(last) - int(first) + 1
-    return None
+    """The unit length of a scan already in the study, which a resumed scan keeps (scans from before runs
+    existed recorded none: single blocks), else None."""
+    return next((t.user_attrs.get("drop_run", 1) for t in study.get_trials(deepcopy=False)
+                 if "drop_base" in t.user_attrs), None)
 
 
 def _label(run: tuple[int, ...]) -> str:
     return f"block-{run[0]}" if len(run) == 1 else f"run-{run[0]}-{run[-1]}"
 
 
-def _together(good: list[tuple[int, ...]]) -> dict[str, list[int]]:
+def _together(good: list[tuple[int, ...]], run: int) -> dict[str, list[int]]:
     """The drop sets measured after the units, from the improving units best first: single blocks in order of
     gain (``top-2`` … ``top-8``, the gains roughly add); runs in every non-overlapping pair of the best
     ``BEST_RUNS`` (``pair-3-5+13-15``): neighbouring runs share blocks and the best of them cluster, so the best
     pair is often not the two best runs."""
-    if all(len(r) == 1 for r in good):
+    if run == 1:
         top = [r[0] for r in good[:MAX_TOGETHER]]
         return {f"top-{k}": top[:k] for k in range(2, len(top) + 1)}
     best = good[:BEST_RUNS]
-    return {f"pair-{_label(a)[4:]}+{_label(b)[4:]}": sorted(a + b)
+    return {f"pair-{a[0]}-{a[-1]}+{b[0]}-{b[-1]}": sorted(a + b)
             for i, a in enumerate(best) for b in best[i + 1:] if not set(a) & set(b)}
 
 
@@ -147,7 +142,8 @@ def _base(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return min(done, key=lambda t: t.value, default=None)
 
 
-def _enqueue(study: optuna.Study, ws, children: dict[str, np.ndarray], base, storage: str | None) -> None:
+def _enqueue(study: optuna.Study, ws, children: dict[str, np.ndarray], base, run: int,
+             storage: str | None) -> None:
     """Queue the scan trials not yet queued or measured (under the study lock, as the seeds are)."""
     with storages.study_lock(study._storage, storage, ws.out, study.study_name):
         present = {t.user_attrs.get("guide") for t in study.get_trials(deepcopy=False)
@@ -156,13 +152,13 @@ def _enqueue(study: optuna.Study, ws, children: dict[str, np.ndarray], base, sto
             label = f"{SCAN}/{name}"
             if label not in present:
                 study.enqueue_trial({param_name(u): float(v) for u, v in zip(ws.space.units, x)},
-                                    user_attrs={"guide": label, "drop_base": base.number})
+                                    user_attrs={"guide": label, "drop_base": base.number, "drop_run": run})
 
 
-def _results(study: optuna.Study, prefix: str) -> dict[str, float]:
-    """Fitness of the completed scan trials whose name starts with ``prefix``."""
-    head = f"{SCAN}/{prefix}"
-    return {t.user_attrs["guide"][len(SCAN) + 1:]: t.value
+def _results(study: optuna.Study) -> dict[str, float]:
+    """Fitness of the completed scan trials by name (``block-3``, ``run-3-5``, ``top-2``, …)."""
+    head = f"{SCAN}/"
+    return {t.user_attrs["guide"][len(head):]: t.value
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if str(t.user_attrs.get("guide", "")).startswith(head)}
 
