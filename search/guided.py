@@ -46,7 +46,7 @@ from predictors.model import FitnessPredictor, data_hash
 from prunesearch.files import repair_line_log
 from search.faults import counted, run_queued, stop_rule
 from search.realized import RealizedFitness
-from search.samplers import allocation_key, make_sampler, param_name
+from search.samplers import make_sampler, param_name
 from search.screening import box, distinct_best, local, narrow, smooth_share
 
 log = logging.getLogger("prunesearch.search")
@@ -166,9 +166,9 @@ class Guide:
                 xs, sources = self._candidates(low, high, r, space.sampled(screened), bound)
                 cand = np.array([ws.allocation(x) for x in xs])
                 c_mean, c_std, c_bound = model.predict_with_bound(features(cand, rec, spec), cfg.kappa)
-                # an allocation measured already would only reuse its fitness: never pick it again
-                known = {allocation_key(a) for a in allocs}
-                repeat = np.array([allocation_key(c) in known for c in cand])
+                # an allocation that prunes as one measured already would only reuse its fitness: never pick it
+                known = {ws.effective_key(a) for a in allocs}
+                repeat = np.array([ws.effective_key(c) in known for c in cand])
                 lcb = np.where(repeat, np.inf, c_bound)
                 n = min(cfg.measure, self._left())
                 chosen = [i for i in distinct_best(space.sampled(cand), lcb, n, cfg.min_width / 2)

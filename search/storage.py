@@ -16,7 +16,7 @@ import inspect
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -209,19 +209,18 @@ def sampler_seed(seed: int, worker: int, done: int, shared: bool) -> int:
     return value % 2**32
 
 
-def measured_twin(trial: optuna.Trial, key: tuple, max_wait: float = 900.0, poll: float = 0.5
-                  ) -> optuna.trial.FrozenTrial | None:
-    """A completed trial of the study with the same effective allocation ``key``. If an earlier trial with it is
+def measured_twin(trial: optuna.Trial, key: tuple, key_of: Callable[[list[float]], tuple], max_wait: float = 900.0,
+                  poll: float = 0.5) -> optuna.trial.FrozenTrial | None:
+    """A completed trial of the study whose allocation has the same effective ``key`` (``key_of`` an allocation). If an earlier trial with it is
     running (on another worker), wait for its result rather than measure it twice; if that trial fails (or is
     still running after ``max_wait`` s), None: measure it here."""
     from search.faults import fail_stale
-    from search.samplers import allocation_key
 
     start = time.time()
     while True:
         running = False
         for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-            if "allocation" not in t.user_attrs or allocation_key(t.user_attrs["allocation"]) != key:
+            if "allocation" not in t.user_attrs or key_of(t.user_attrs["allocation"]) != key:
                 continue
             if t.state == TrialState.COMPLETE:
                 return t

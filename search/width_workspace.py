@@ -24,6 +24,7 @@ from prunesearch.files import load_or_build
 from prunesearch.safety import UserError
 from search.budget import Budget
 from search.seeds import width_seeds
+from search.samplers import allocation_key
 from search.width_realizer import WidthRealizer, load_importance, save_importance
 from predictors.width_features import WidthRecord
 from search.width_space import make_width_space
@@ -121,6 +122,10 @@ class WidthWorkspace(Workspace):
 
     def realize(self, alloc: np.ndarray) -> None:
         self.realizer.apply(self.space.widths(alloc))
+
+    def effective_key(self, alloc: np.ndarray) -> tuple[float, ...]:
+        """Whole kept groups and channels: equal allocations are equal up to float noise."""
+        return allocation_key(alloc)
 
     def reset(self) -> None:
         self.realizer.apply()

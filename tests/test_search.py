@@ -284,9 +284,15 @@ def test_an_allocation_measured_before_is_reused_not_remeasured(tiny_llama_dir, 
     study.optimize(ws.objective, n_trials=1)
     again = study.trials[-1]
     assert again.user_attrs["duplicate_of"] == uniform.number and again.value == uniform.fitness
+    # Closer than one weight per row (rows of 64 and 128 at 0.6 ± 0.001 keep 38 and 76 pruned): the same model.
+    near = np.full(4, 0.6) + [0.001, -0.001, 0.0, 0.0]
+    study.enqueue_trial({param_name(u): float(v) for u, v in zip(ws.space.units, near)})
+    study.optimize(ws.objective, n_trials=1)
+    assert study.trials[-1].user_attrs["duplicate_of"] == uniform.number
+    assert ws.effective_key(near + [0.01, -0.01, 0, 0]) != ws.effective_key(near)  # 39 of 64: another model
     # The evolutionary sampler redraws children it has measured: a coarse grid, yet no repeats.
     monkeypatch.undo()
-    _run(settings, out, trials=30)
+    _run(settings, out, trials=31)
     frame = pd.read_parquet(out / "trials.parquet")
     fresh = frame[frame.state.isin(["COMPLETE", "PRUNED"]) & frame.duplicate_of.isna()]
     assert len(fresh) >= 29
