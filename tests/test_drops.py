@@ -91,7 +91,7 @@ def test_runs_are_scanned_then_the_best_four_paired_where_they_do_not_overlap(tm
     assert sorted(name for _, name in best) == ["run-2-4", "run-3-5", "run-6-8", "run-7-9"]
     pairs = {name for name in by if name.startswith("pair-")}
     assert pairs == {"pair-2-4+6-8", "pair-2-4+7-9", "pair-3-5+6-8", "pair-3-5+7-9"}
-    assert len(by) == scan_size(ws.space, 3) - 2  # 10 runs + 4 of the 6 pairs of the best four
+    assert len(by) == scan_size(ws.space, 3) - 2  # 10 runs + 4 of the 6 pairs of the best four + 9 profiles
     chosen = np.array(by["pair-3-5+7-9"].user_attrs["allocation"])  # six of twelve dropped: projected onto 0.6
     dropped = np.isin(np.arange(12), [3, 4, 5, 7, 8, 9])
     assert chosen[dropped] == pytest.approx([0.9] * 6) and chosen[~dropped] == pytest.approx([0.3] * 6)
@@ -102,10 +102,33 @@ def test_runs_are_scanned_then_the_best_four_paired_where_they_do_not_overlap(tm
     assert len(study.get_trials()) == 1 + len(by)
 
 
+def test_the_best_drop_set_is_measured_under_profiles_of_the_blocks_it_keeps(tmp_path):
+    # runs of 3 of 12 blocks: only runs into the free last blocks improve, all overlapping, so run-9-11 is the best
+    # set; the first run is dearest, so the steepest profile with the most protected first run wins
+    ws = _Linear(tmp_path, [3.0, 3.0, 3.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0])
+    study = optuna.create_study()
+    study.enqueue_trial({param_name(u): 0.6 for u in ws.space.units}, user_attrs={"seed": "uniform"})
+    drop_scan(study, ws, StopRule(trials=60, deadline=None), run=3)
+    by = {t.user_attrs["guide"][len("drop-scan/"):]: t for t in study.get_trials()[1:]}
+    assert not any(name.startswith("pair-") for name in by)
+    profiles = {name: t for name, t in by.items() if name.startswith("profile-")}
+    assert sorted(profiles) == sorted(f"profile-{s:g}-first-{p:g}" for s in (0.1, 0.2, 0.3) for p in (0, 0.06, 0.12))
+    for t in profiles.values():
+        x = np.array(t.user_attrs["allocation"])
+        assert x.mean() == pytest.approx(0.6) and x[9:].min() >= x[:9].max()
+    flat, kept = (np.array(profiles[f"profile-0.3-first-{p}"].user_attrs["allocation"]) for p in (0, 0.12))
+    assert (kept[:3] < flat[:3]).all() and np.all(np.diff(flat[:9]) >= 0)
+    assert min(profiles, key=lambda n: profiles[n].value) == "profile-0.3-first-0.12"
+    assert profiles["profile-0.3-first-0.12"].value < by["run-9-11"].value == min(
+        t.value for name, t in by.items() if not name.startswith("profile-"))
+    drop_scan(study, ws, StopRule(trials=60, deadline=None), run=3)  # resumed: nothing new
+    assert len(study.get_trials()) == 1 + len(by) == 1 + 10 + 9
+
+
 def test_the_default_unit_is_a_tenth_of_the_depth():
     assert [run_length(n) for n in (4, 6, 12, 24, 30, 32, 80)] == [1, 1, 1, 2, 3, 3, 8]
     space = _Linear(None, np.zeros(30)).space
-    assert scan_size(space) == 28 + 6 and scan_size(space, 1) == 30 + 7
+    assert scan_size(space) == 28 + 6 + 9 and scan_size(space, 1) == 30 + 7
     assert scan_size(_Linear(None, np.zeros(6)).space) == 6 + 5
 
 
@@ -145,7 +168,7 @@ def test_the_scan_measures_every_drop_of_the_best_seed_then_the_best_together(ti
 def test_drop_run_sets_the_units_from_the_command_line(tiny_llama_dir, tiny_calib_file, tmp_path):
     out = tmp_path / "run"
     assert main(search_argv(tiny_llama_dir, tiny_calib_file, out, "--select-top", "0", "--drop-run", "2",
-                            trials=24)) == 0
+                            trials=40)) == 0
     t = _trials(out)
     scan = t[t.label.str.startswith("drop-scan/")]
     runs = scan[scan.label.str.startswith("drop-scan/run-")]
@@ -153,8 +176,12 @@ def test_drop_run_sets_the_units_from_the_command_line(tiny_llama_dir, tiny_cali
     for _, row in runs.iterrows():
         first, last = map(int, row.label.split("run-")[1].split("-"))
         assert row[f"s[{first}]"] == pytest.approx(0.9) and row[f"s[{last}]"] == pytest.approx(0.9)
-    # the one pair of 2-block runs that do not overlap, measured only if both improve on the base
-    assert set(scan.label) - set(runs.label) <= {"drop-scan/pair-0-1+2-3"}
+    # the one pair of 2-block runs that do not overlap, measured only if both improve on the base; then, if any
+    # drop improved on it, the nine profiles of the best
+    sets = scan[~scan.label.str.startswith("drop-scan/profile-")]
+    assert set(sets.label) - set(runs.label) <= {"drop-scan/pair-0-1+2-3"}
+    seeds = t[t.label.isin(["uniform", "owl"]) | t.label.str.startswith("atp-")]
+    assert len(scan) - len(sets) == (9 if sets.fitness.min() < seeds.fitness.min() else 0)
     assert (runs.state == "COMPLETE").all() and (scan.number > runs.number.min() - 1).all()
 
 
