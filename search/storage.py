@@ -211,9 +211,9 @@ def sampler_seed(seed: int, worker: int, done: int, shared: bool) -> int:
 
 def measured_twin(trial: optuna.Trial, key: tuple, key_of: Callable[[list[float]], tuple], max_wait: float = 900.0,
                   poll: float = 0.5) -> optuna.trial.FrozenTrial | None:
-    """A completed trial of the study whose allocation has the same effective ``key`` (``key_of`` an allocation). If an earlier trial with it is
-    running (on another worker), wait for its result rather than measure it twice; if that trial fails (or is
-    still running after ``max_wait`` s), None: measure it here."""
+    """A completed trial of the study whose allocation has the same effective ``key`` (``key_of`` an allocation).
+    If an earlier trial with it is running (on another worker), wait for its result rather than measure it twice;
+    if that trial fails (or is still running after ``max_wait`` s), None: measure it here."""
     from search.faults import fail_stale
 
     start = time.time()
