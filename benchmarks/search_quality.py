@@ -24,7 +24,8 @@ import pandas as pd
 import torch
 
 from pruners.methods import get_method, names
-from search.engine import SearchSettings, Selection, default_effort, default_selection, run_search
+from search.engine import (SearchSettings, Selection, default_effort, default_selection, default_stats_inputs,
+                           run_search)
 from search.settings import DEFAULT_STATS_INPUTS
 from search.guided import Guide, GuideConfig
 from search.seeds import START
@@ -66,9 +67,9 @@ def main() -> None:
     ap.add_argument("--granularity", default="block", choices=["block", "projection"])
     ap.add_argument("--fitness-data", default="c4", choices=["c4", "wikitext2", "ptb"],
                     help="held-out text of the search's fitness (wikitext2/ptb: their validation split)")
-    ap.add_argument("--stats-inputs", choices=["dense", "pruned"],
-                    help="the ranks' / level database's statistics from dense inputs or through pruned blocks "
-                         "(default: the pruner's, search.settings.DEFAULT_STATS_INPUTS)")
+    ap.add_argument("--stats-inputs", choices=["dense", "pruned", "candidate"],
+                    help="the ranks' / level database's statistics from dense inputs or through pruned blocks, or "
+                         "every candidate pruned for real (default: the search's, search.settings)")
     ap.add_argument("--select-top", type=int, help="finalists pruned for real and re-measured on fresh windows "
                                                     "(default: the search's, search.selection.DEFAULTS; 0: none)")
     ap.add_argument("--enqueue", action="append", default=[], metavar="CONFIG",
@@ -84,7 +85,8 @@ def main() -> None:
     ap.add_argument("--name", default="", help="suffix of the output files")
     ap.add_argument("--front", default="", help="sparsity range of a multi-objective run (e.g. 0.6:0.8)")
     args = ap.parse_args()
-    args.stats_inputs = args.stats_inputs or DEFAULT_STATS_INPUTS[get_method(args.pruner).realizer]
+    args.stats_inputs = (args.stats_inputs or default_stats_inputs(args.model is None, args.pruner, "sparsity")
+                         or DEFAULT_STATS_INPUTS[get_method(args.pruner).realizer])
     out, suffix = Path(args.out), f"-{args.name}" if args.name else ""
     out.mkdir(parents=True, exist_ok=True)
     effort = default_effort(args.model is None, args.device)
@@ -146,8 +148,9 @@ def markdown(summary: dict, args, samplers: list[str], curves: pd.DataFrame, eff
     fitness_text, fitness_where = (("C4", "docs 900-949 of the bundled sample") if args.fitness_data == "c4" else
                                    (args.fitness_data, "its validation split"))
     realized_from = "level database" if get_method(args.pruner).realizer == "levels" else "ranks"
-    realized_from += (" (statistics through blocks pruned at the budget)" if args.stats_inputs == "pruned"
-                      else " (statistics from dense inputs)")
+    realized_from += {"pruned": " (statistics through blocks pruned at the budget)",
+                      "candidate": " (every candidate pruned for real, sequentially)"}.get(
+        args.stats_inputs, " (statistics from dense inputs)")
     lines = ["# Allocation search vs heuristic allocations", "",
              f"Model {args.model or 'built-in'}, {args.pruner} {realized_from}, "
              f"unstructured, {args.granularity} granularity, {args.trials} trials per run, device {args.device}. "

@@ -115,11 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparsegpt only: sparsity step of the level grid on an average-size unit (default: 0.025)")
     p.add_argument("--stats-inputs", choices=["dense", "pruned", "candidate"],
                    help="where the pruner's statistics for the search's ranks or level database come from: the "
-                        "dense model's inputs to every block (default for wanda, magnitude, gblm), or inputs "
-                        "through the earlier blocks pruned uniformly at the budget, as the sequential pruner that "
-                        "realizes the result sees them (default for sparsegpt); candidate (wanda, gblm): every "
+                        "dense model's inputs to every block (default for magnitude, and for wanda and gblm on the "
+                        "built-in model or with --realize-top), or inputs through the earlier blocks pruned "
+                        "uniformly at the budget, as the sequential pruner that realizes the result sees them "
+                        "(default for sparsegpt); candidate (wanda, gblm; their default on other models): every "
                         "candidate pruned for real, sequentially, as the result will be (a calibration walk per "
-                        "trial)")
+                        "trial, ~1.8x the wall time of dense)")
     p.add_argument("--candidate-nsamples", type=int, metavar="N",
                    help="--stats-inputs candidate: the first N calibration sequences prune each candidate "
                         "(default: 8, at most --nsamples); the answer is pruned with all of them")
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realize-top", type=int, default=0, metavar="K",
                    help="guided search: prune every allocation that enters the K best by search fitness for real "
                         "(sequentially) and re-score it on the fitness windows; local moves start from the best "
-                        "realized ones and the final selection adds them (default: 0, off; about 4x a trial each)")
+                        "realized ones and the final selection adds them (default: 0, off; about 4x a trial each; "
+                        "the ranks come from dense inputs unless --stats-inputs says otherwise)")
     # calibration size and seqlen follow the model and device unless given (search.settings.EFFORT)
     p.set_defaults(func=cmd_search, nsamples=None)
 

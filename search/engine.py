@@ -21,12 +21,13 @@ config or Pareto front, report; ``search.selection`` re-measures the best few pr
 from search.drops import drop_scan
 from search.results import finish, trials_frame
 from search.selection import Selection, default_selection
-from search.settings import BOUND_WIDTH, EFFORT, LEVEL_PARAM, PRUNERS, RANGE_LEVELS, SearchSettings, default_effort
+from search.settings import (BOUND_WIDTH, EFFORT, LEVEL_PARAM, PRUNERS, RANGE_LEVELS, SearchSettings, default_effort,
+                             default_stats_inputs)
 from search.study import check_run_folder, enqueue_seeds, open_study, open_workspace, optimize, run_search
 from search.workspace import Workspace
 
 __all__ = [
     "BOUND_WIDTH", "EFFORT", "LEVEL_PARAM", "PRUNERS", "RANGE_LEVELS", "SearchSettings", "Selection", "Workspace",
-    "check_run_folder", "default_effort", "default_selection", "drop_scan", "enqueue_seeds", "finish", "open_study",
-    "open_workspace", "optimize", "run_search", "trials_frame",
+    "check_run_folder", "default_effort", "default_selection", "default_stats_inputs", "drop_scan", "enqueue_seeds",
+    "finish", "open_study", "open_workspace", "optimize", "run_search", "trials_frame",
 ]

@@ -24,7 +24,8 @@ DROP_SCAN = ("auto", "on", "off")
 # ``candidate_nsamples`` calibration sequences (``search.scores.SequentialRealizer``). The default depends on the
 # realizer, as measured on SmolLM2-135M at 70% (README): the SparseGPT level database reads allocations far worse
 # than they realize from dense inputs (WikiText-2 PPL of the searched allocation 413 dense, 342 pruned), while
-# Wanda's ranks are better from dense inputs (401 dense, 427 pruned).
+# Wanda's ranks are better from dense inputs (401 dense, 427 pruned) and better still with no proxy at all, the
+# default for Wanda and GBLM on models other than the built-in one (``default_stats_inputs``).
 STATS_INPUTS = ("dense", "pruned", "candidate")
 DEFAULT_STATS_INPUTS = {"ranks": "dense", "levels": "pruned"}
 CANDIDATE_NSAMPLES = 8  # per candidate; orders allocations as all 32 do (candidate_inputs-smollm2-wanda-70.md)
@@ -46,6 +47,15 @@ EFFORT = {
 def default_effort(builtin: bool, device: str) -> dict:
     """The calibration and fitness sizes a search uses unless told otherwise (see ``EFFORT``)."""
     return dict(EFFORT["builtin" if builtin else "gpu" if device.startswith("cuda") else "cpu"])
+
+
+def default_stats_inputs(builtin: bool, pruner: str, space: str) -> str | None:
+    """``candidate`` for a Wanda or GBLM sparsity search of a model other than the built-in one, else None (the
+    realizer's default). On SmolLM2-135M at 70% the dense-input proxy cannot tell good drop sets from bad ones: its
+    answers read 0.76-1.0x ATP 0.3's perplexity where pruning every candidate for real reads 0.70-0.74x on three
+    seeds, at 1.8x the wall time (28-30 min per 100 trials on 2 cores; drop_sets-smollm2-wanda-70.md)."""
+    real = not builtin and space == "sparsity" and pruner in PRUNERS
+    return "candidate" if real and prunes_candidates(pruner) else None
 
 
 def prunes_candidates(pruner: str) -> bool:

@@ -152,12 +152,21 @@ def interrupt_objective_at(monkeypatch, n: int):
 
 def search_argv(model_dir, calib_file, out, *extra, trials: int = 6, samples: int = 6) -> list[str]:
     """``prunesearch search`` arguments for the tiny model (``samples`` held-out sequences per trial: 128 makes a
-    trial last about half a second on one core, long enough to be killed in the middle)."""
+    trial last about half a second on one core, long enough to be killed in the middle). Wanda and GBLM rank from
+    dense inputs here, cached once: the study mechanics these tests check do not depend on it; their default on a
+    user's model, every candidate pruned for real, is checked in test_candidate_inputs.py and test_families.py."""
+    from search.engine import default_stats_inputs
+
+    extra = [str(e) for e in extra]
+    pruner = extra[extra.index("--pruner") + 1] if "--pruner" in extra else "wanda"
+    space = extra[extra.index("--space") + 1] if "--space" in extra else "sparsity"
+    if "--stats-inputs" not in extra and default_stats_inputs(False, pruner, space):
+        extra += ["--stats-inputs", "dense"]
     low = samples if samples > 6 else 2
     return ["search", "--model", str(model_dir), "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "32",
             "--fitness-samples", str(samples), "--low-fidelity-samples", str(low), "--min-sparsity", "0.3",
             "--max-sparsity", "0.9", "--device", "cpu", "--report-ppl=", "--quiet", "--predictor", "off",
-            "--trials", str(trials), "--out", str(out), *map(str, extra)]
+            "--trials", str(trials), "--out", str(out), *extra]
 
 
 def tiny_width_model(layers: int = 4):

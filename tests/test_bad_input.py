@@ -121,7 +121,7 @@ CASES = [
      lambda w: _search(w, w["root"] / "new", "--pruner", "sparsegpt", "--stats-inputs", "candidate"),
      "needs a pruner that reads inputs"),
     ("candidate calibration without candidate inputs",
-     lambda w: _search(w, w["root"] / "new", "--candidate-nsamples", "2"),
+     lambda w: _search(w, w["root"] / "new", "--stats-inputs", "dense", "--candidate-nsamples", "2"),
      "--candidate-nsamples applies to --stats-inputs candidate only"),
     ("candidate calibration beyond the calibration",
      lambda w: _search(w, w["root"] / "new", "--stats-inputs", "candidate", "--candidate-nsamples", "99"),

@@ -75,15 +75,26 @@ def test_gblm_candidates_reuse_the_dense_gradients(tiny_llama_dir, tiny_calib_fi
         torch.testing.assert_close(searched[name], w, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("builtin, pruner, space, expected", [
+    (False, "wanda", "sparsity", "candidate"), (False, "gblm", "sparsity", "candidate"),
+    (True, "wanda", "sparsity", None), (False, "magnitude", "sparsity", None), (False, "sparsegpt", "sparsity", None),
+    (False, "wanda", "width", None), (False, "wanda", "both", None)])
+def test_real_models_prune_every_candidate_by_default(builtin, pruner, space, expected):
+    """Wanda and GBLM sparsity searches of a model other than the built-in one default to candidate inputs; the
+    rest keep their realizer's default (None)."""
+    from search.engine import default_stats_inputs
+
+    assert default_stats_inputs(builtin, pruner, space) == expected
+
+
 def test_search_with_candidate_inputs_end_to_end(tiny_llama_dir, tiny_calib_file, tmp_path):
-    """A CLI search with candidate inputs runs end to end and records the setting."""
+    """A CLI search of a user's model prunes every candidate for real by default, end to end, and records it."""
     from prunesearch.cli import main
 
     out = tmp_path / "run"
     rc = main(["search", "--model", str(tiny_llama_dir), "--calib", str(tiny_calib_file), "--budget", "sparsity=0.6",
                "--nsamples", "4", "--seqlen", "32", "--fitness-samples", "6", "--low-fidelity-samples", "2",
-               "--trials", "8", "--stats-inputs", "candidate", "--candidate-nsamples", "3", "--report-ppl=",
-               "--out", str(out)])
+               "--trials", "8", "--candidate-nsamples", "3", "--report-ppl=", "--out", str(out)])
     assert rc == 0
     config = json.loads((out / "run_config.json").read_text())
     assert config["stats_inputs"] == "candidate" and config["candidate_nsamples"] == 3

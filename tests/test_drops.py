@@ -139,8 +139,8 @@ def _trials(folder) -> pd.DataFrame:
 def test_the_scan_measures_every_drop_of_the_best_seed_then_the_best_together(tiny_llama_dir, tiny_calib_file,
                                                                               tmp_path):
     out = tmp_path / "run"
-    argv = search_argv(tiny_llama_dir, tiny_calib_file, out, "--select-top", "0", "--sampler", "evo", trials=24)
-    assert main(argv) == 0
+    extra = ("--select-top", "0", "--sampler", "evo")
+    assert main(search_argv(tiny_llama_dir, tiny_calib_file, out, *extra, trials=24)) == 0
     t = _trials(out)
     seeds = t[t.label.isin(["uniform", "owl"]) | t.label.str.startswith("atp-")]
     base = seeds.loc[seeds.fitness.idxmin()]
@@ -159,7 +159,7 @@ def test_the_scan_measures_every_drop_of_the_best_seed_then_the_best_together(ti
     assert best["meta"]["fitness"] == pytest.approx(t.query("state == 'COMPLETE'").fitness.min())
 
     # the same command with more trials resumes: the scan is not repeated
-    assert main(argv[:-4] + ["--trials", "28"] + argv[-2:]) == 0
+    assert main(search_argv(tiny_llama_dir, tiny_calib_file, out, *extra, trials=28)) == 0
     again = _trials(out)
     scan = t.label.str.startswith("drop-scan/").sum()
     assert len(again) == 28 and again.label.str.startswith("drop-scan/").sum() == scan

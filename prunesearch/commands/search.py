@@ -27,7 +27,7 @@ def cmd_search(args) -> int:
     from search.budget import Budget
     from search.preflight import check_search_args
     from search.selection import Selection, default_selection
-    from search.settings import SearchSettings, default_effort
+    from search.settings import SearchSettings, default_effort, default_stats_inputs
     from search.stages import COARSE_TO_FINE, STAGES
     from search.study import run_search
 
@@ -53,6 +53,9 @@ def cmd_search(args) -> int:
     given = {"seqlen": args.seqlen, "nsamples": args.nsamples, "fitness_samples": args.fitness_samples,
              "low_fidelity_samples": args.low_fidelity_samples}
     effort = default_effort(args.model is None, device) | {k: v for k, v in given.items() if v is not None}
+    # --realize-top re-scores the cached ranks' candidates: it keeps their proxy on every model
+    stats_inputs = args.stats_inputs or (None if args.realize_top else
+                                         default_stats_inputs(args.model is None, args.pruner, args.space))
     staged = args.granularity == COARSE_TO_FINE
     settings = SearchSettings(
         model=args.model, budget=args.budget, pattern=args.pattern,
@@ -60,7 +63,7 @@ def cmd_search(args) -> int:
         pruner=args.pruner, fitness=args.fitness, sampler=args.sampler or ("nsga2" if multi else "tpe"),
         min_sparsity=args.min_sparsity, max_sparsity=args.max_sparsity, calib=args.calib, seed=args.seed,
         data_dir=args.data_dir, level_step=args.level_step, space=args.space,
-        width_score=args.width_score or "flap", latency_table=args.latency_table, stats_inputs=args.stats_inputs,
+        width_score=args.width_score or "flap", latency_table=args.latency_table, stats_inputs=stats_inputs,
         candidate_nsamples=args.candidate_nsamples,
         fitness_data=args.fitness_data, enqueue=args.enqueue or [], drop_scan=args.drop_scan,
         drop_run=args.drop_run, **effort,
