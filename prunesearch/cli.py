@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="datasets reported (never searched) for the best allocation and the seeds: perplexity and KL "
                         "to the dense model; c4 is held-out text of the training distribution disjoint from the "
                         "fitness documents (default: c4,wikitext2; '' for none)")
-    p.add_argument("--report-limit", type=int, default=256,
-                   help="at most this many windows per report dataset (default: 256; 0 for all)")
+    p.add_argument("--report-limit", type=int,
+                   help="at most this many windows per report dataset (default: 256; a model other than the "
+                        "built-in one on CPU: 64; 0 for all)")
     p.add_argument("--out", required=True, help="run folder (re-running the same command resumes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--predictor", choices=["on", "off"],

@@ -328,3 +328,12 @@ def test_statistics_through_pruned_blocks_make_the_uniform_candidate_the_sequent
         torch.testing.assert_close(searched["pruned"][name], sequential[name], rtol=0, atol=0)
     late = ws.lay.projections[3]  # from dense inputs, the last block's candidate is not the sequential one
     assert any(not torch.equal(searched["dense"][n], sequential[n]) for n in late)
+
+
+def test_a_real_model_on_cpu_reports_on_fewer_windows():
+    """The report's windows per dataset follow the effort: 256 on the built-in model and GPUs, 64 for another
+    model on CPU (its report prunes and measures eight allocations)."""
+    from search.settings import default_report_limit
+
+    assert default_report_limit(True, "cpu") == 256 and default_report_limit(False, "cuda:0") == 256
+    assert default_report_limit(False, "cpu") == 64

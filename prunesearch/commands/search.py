@@ -27,7 +27,7 @@ def cmd_search(args) -> int:
     from search.budget import Budget
     from search.preflight import check_search_args
     from search.selection import Selection, default_selection
-    from search.settings import SearchSettings, default_effort, default_stats_inputs
+    from search.settings import SearchSettings, default_effort, default_report_limit, default_stats_inputs
     from search.stages import COARSE_TO_FINE, STAGES
     from search.study import run_search
 
@@ -81,6 +81,8 @@ def cmd_search(args) -> int:
     elif args.predictor_init or args.realize_top:
         raise UsageError(f"{'--predictor-init' if args.predictor_init else '--realize-top'} needs --predictor on")
     report_ppl = tuple(d for d in args.report_ppl.split(",") if d)
+    if args.report_limit is None:
+        args.report_limit = default_report_limit(args.model is None, device)
     cache_dir = args.cache_dir and Path(args.cache_dir)
     if staged:
         return _coarse_to_fine(args, settings, out, guide, time_budget, device, selection, report_ppl, cache_dir)
