@@ -147,16 +147,20 @@ class DenseReference:
         logq_k = torch.cat([q_top, q_rest], -1)
         return (logp.exp() * (logp - logq_k)).sum(-1)
 
-    def _batch_terms(self, model: nn.Module, rows: slice, device: torch.device) -> torch.Tensor:
+    def _batch_forward(self, model: nn.Module, rows: slice, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's float logits on the reference rows ``rows`` and their per-token KL to the dense model."""
         batch = self.ids[rows].to(device)
         if self.expected is None:
-            return self.kl_terms(model(input_ids=batch, use_cache=False).logits, rows)
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+            return logits, self.kl_terms(logits, rows)
         split = head_split(model)
         if split is None:
             raise UserError("this reference needs a model whose logits are a linear head on its final hidden state")
         h = split[0](input_ids=batch, use_cache=False).last_hidden_state
+        logits = split[1](h).float()
         cross = torch.einsum("bth,bth->bt", h.float(), self.expected[rows].to(device))
-        return self.constant[rows].to(device) - cross + torch.logsumexp(split[1](h).float(), dim=-1)
+        return logits, self.constant[rows].to(device) - cross + torch.logsumexp(logits, dim=-1)
 
     @torch.no_grad()
     def kl_sum(self, model: nn.Module, start: int, stop: int, batch_size: int = 8) -> tuple[float, int]:
@@ -164,10 +168,27 @@ class DenseReference:
         device = next(model.parameters()).device
         total, count = 0.0, 0
         for lo in range(start, stop, batch_size):
-            terms = self._batch_terms(model, slice(lo, min(lo + batch_size, stop)), device)
+            _, terms = self._batch_forward(model, slice(lo, min(lo + batch_size, stop)), device)
             total += terms.double().sum().item()
             count += terms.numel()
         return total, count
+
+    @torch.no_grad()
+    def nll_and_kl(self, model: nn.Module, batch_size: int = 8) -> tuple[torch.Tensor, float]:
+        """Per-sequence mean next-token NLL (as ``window_nll``) and the mean token KL to the dense model, from one
+        forward pass over the reference sequences instead of two: a report scores both on the same windows."""
+        device = next(model.parameters()).device
+        nll, total, count = [], 0.0, 0
+        for lo in range(0, self.ids.shape[0], batch_size):
+            rows = slice(lo, min(lo + batch_size, self.ids.shape[0]))
+            logits, terms = self._batch_forward(model, rows, device)
+            target = self.ids[rows, 1:].to(device)
+            tokens = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                     reduction="none")
+            nll.append(tokens.view(target.shape).mean(1).double().cpu())
+            total += terms.double().sum().item()
+            count += terms.numel()
+        return torch.cat(nll), total / count
 
     def kl(self, model: nn.Module, batch_size: int = 8, limit: int | None = None) -> float:
         """Mean over tokens of KL(P_dense ‖ P_model) on the first ``limit`` sequences (all by default)."""

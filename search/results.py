@@ -62,14 +62,14 @@ def trials_frame(study: optuna.Study, ws: Workspace):
 def _report(ws: Workspace, allocations: dict[str, np.ndarray], datasets: list[str], limit: int | None
             ) -> dict[str, dict[str, dict[str, float]]]:
     """Reporting data, never seen by the search: each allocation pruned for real (``Workspace.prune_for_report``,
-    the way ``prunesearch prune --config`` realizes it), then perplexity and KL to the dense model on
-    the same windows. Both are kept because they can disagree: pruning noise can lower the perplexity of a small
-    model on text unlike its training data, while KL only measures the distance to the dense model.
+    the way ``prunesearch prune --config`` realizes it), then perplexity and KL to the dense model on the same
+    windows from one forward pass. Both are kept because they can disagree: pruning noise can lower the perplexity
+    of a small model on text unlike its training data, while KL only measures the distance to the dense model.
     Returns ``{"ppl": {label: {dataset: value}}, "kl": {...}}``."""
     import math
 
     from prunesearch import data
-    from prunesearch.evaluate import DenseReference, window_nll, windows
+    from prunesearch.evaluate import DenseReference, windows
 
     s = ws.settings
     calib = ws.calibration_ids()
@@ -80,9 +80,9 @@ def _report(ws: Workspace, allocations: dict[str, np.ndarray], datasets: list[st
     for label, alloc in allocations.items():
         ws.reset()
         ws.prune_for_report(alloc, calib)
-        out["ppl"][label] = {d: math.exp(float(window_nll(ws.model, w, ws.batch_size).mean()))
-                             for d, w in wins.items()}
-        out["kl"][label] = {d: refs[d].kl(ws.model, ws.batch_size) for d in datasets}
+        scores = {d: refs[d].nll_and_kl(ws.model, ws.batch_size) for d in datasets}
+        out["ppl"][label] = {d: math.exp(float(nll.mean())) for d, (nll, _) in scores.items()}
+        out["kl"][label] = {d: kl for d, (_, kl) in scores.items()}
     ws.reset()
     return out
 

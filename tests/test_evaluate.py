@@ -99,6 +99,23 @@ def test_hidden_size_reference_gives_the_full_vocabulary_kl_on_every_family(fami
     assert DenseReference.load(tmp_path / "ref.safetensors").kl(student) == pytest.approx(expected, rel=1e-4)
 
 
+def test_one_pass_scores_equal_perplexity_and_kl_computed_apart(family):
+    from pruners.oneshot import make_pruner, prune_model
+    from pruners.registry import layout
+    from pruners.targets import SparsityConfig
+    from prunesearch.evaluate import window_nll
+
+    dense = tiny_model(family)
+    ids = torch.randint(0, 320, (5, 16), generator=torch.Generator().manual_seed(1))
+    student = tiny_model(family)
+    prune_model(student, make_pruner("magnitude"), SparsityConfig.uniform(0.6).resolve(layout(student)))
+    for ref in (DenseReference.compute(dense, ids, batch_size=2), DenseReference.compute(dense, ids, topk=4)):
+        nll, kl = ref.nll_and_kl(student, batch_size=2)
+        assert torch.allclose(nll, window_nll(student, ids, batch_size=3), rtol=1e-5)
+        assert kl == pytest.approx(ref.kl(student, batch_size=3), rel=1e-5)
+        assert kl > 0 and nll.shape == (5,)
+
+
 def test_cached_reference_loads_the_dense_model_only_when_nothing_is_saved(tmp_path):
     model = tiny_model("llama")
     ids = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
