@@ -163,15 +163,21 @@ class DenseReference:
         return logits, self.constant[rows].to(device) - cross + torch.logsumexp(logits, dim=-1)
 
     @torch.no_grad()
-    def kl_sum(self, model: nn.Module, start: int, stop: int, batch_size: int = 8) -> tuple[float, int]:
-        """Sum of per-token KL(P_dense ‖ P_model) over reference sequences [start, stop), and the token count."""
+    def kl_rows(self, model: nn.Module, start: int, stop: int, batch_size: int = 8) -> tuple[torch.Tensor, int]:
+        """Per-sequence sums of token KL(P_dense ‖ P_model) over reference sequences [start, stop) (float64) and
+        the tokens per sequence: their spread tells a real difference between two models from sampling noise."""
         device = next(model.parameters()).device
-        total, count = 0.0, 0
+        sums, tokens = [], 0
         for lo in range(start, stop, batch_size):
             _, terms = self._batch_forward(model, slice(lo, min(lo + batch_size, stop)), device)
-            total += terms.double().sum().item()
-            count += terms.numel()
-        return total, count
+            sums.append(terms.double().sum(1).cpu())
+            tokens = terms.shape[1]
+        return (torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float64)), tokens
+
+    def kl_sum(self, model: nn.Module, start: int, stop: int, batch_size: int = 8) -> tuple[float, int]:
+        """Sum of per-token KL(P_dense ‖ P_model) over reference sequences [start, stop), and the token count."""
+        sums, tokens = self.kl_rows(model, start, stop, batch_size)
+        return float(sums.sum()), sums.numel() * tokens
 
     @torch.no_grad()
     def nll_and_kl(self, model: nn.Module, batch_size: int = 8) -> tuple[torch.Tensor, float]:

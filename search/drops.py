@@ -11,6 +11,11 @@ another basin of drop sets (``results/benchmarks/drop_sets-smollm2-wanda-70.md``
 is measured once more under a small grid of profiles of the blocks it keeps: the base's profile was shaped for
 the whole depth, and with a fifth of the blocks dropped a flatter rise and a protected first run read 0.05–0.07
 nats better on all three seeds measured there.
+
+A drop counts only when its gain clears the noise of the fitness sample: more than ``NOISE_Z`` standard errors of the
+paired per-sequence differences to the base (``clears_noise``). At 60% the best unit gained 0.017 nats on 16
+sequences, within that noise, read 0.018 nats worse on 32 fresh ones, and combined with profiles it led the search
+into a basin that lost to ATP 0.2 on WikiText-2 (``results/benchmarks/search_quality-smollm2-60-candidate.md``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ MAX_TOGETHER = 8  # at most this many of the best single drops are combined
 BEST_RUNS = 4  # runs of several blocks: every non-overlapping pair of the best this many is measured
 PROFILE_SLOPES = (0.1, 0.2, 0.3)  # kept blocks' rise in sparsity from first to last block (ATP's slope)
 PROFILE_PROTECT = (0.0, 0.06, 0.12)  # how much less the first run of blocks is pruned than the slope says
+NOISE_Z = 2.0  # a drop is kept only when it gains this many standard errors of the paired per-sequence differences
 
 
 def scan_applies(settings, space) -> bool:
@@ -90,21 +96,33 @@ def _scan(study: optuna.Study, ws, run: int, storage: str | None, measure) -> No
     _enqueue(study, ws, {name: _drop(space, alloc, r) for name, r in units.items()}, base, run, storage)
     measure()
     scanned = _results(study)
-    gains = sorted((scanned[name] - base.value, r) for name, r in units.items() if name in scanned)
-    good = [r for gain, r in gains if gain < 0]
+    gains = sorted((scanned[name].value - base.value, r) for name, r in units.items() if name in scanned)
+    good = [r for _, r in gains if clears_noise(scanned[_label(r)], base)]
     sets = _together(good, run)
     _enqueue(study, ws, {name: _drop(space, alloc, drop) for name, drop in sets.items()}, base, run, storage)
     measure()
-    if run > 1:
+    if run > 1 and good:
         scanned = _results(study)
         candidates = {name: list(r) for name, r in units.items()} | sets
-        best = min((name for name in candidates if name in scanned), key=scanned.get, default=None)
-        if best is not None and scanned[best] < base.value:
+        best = min((name for name in candidates if name in scanned), key=lambda n: scanned[n].value, default=None)
+        if best is not None and clears_noise(scanned[best], base):
             log.info("drop scan: profiles of the blocks %s keeps", best)
             _enqueue(study, ws, _profiles(space, candidates[best], run), base, run, storage)
             measure()
-    log.info("drop scan from trial %d (%.4f): %d of %d drops improve it (best: %s)", base.number, base.value,
-             len(good), len(units), ", ".join(f"{_label(r)} {g:+.4f}" for g, r in gains[:3]))
+    log.info("drop scan from trial %d (%.4f): %d of %d drops improve it beyond noise (best: %s)", base.number,
+             base.value, len(good), len(units), ", ".join(f"{_label(r)} {g:+.4f}" for g, r in gains[:3]))
+
+
+def clears_noise(trial: optuna.trial.FrozenTrial, base: optuna.trial.FrozenTrial, z: float = NOISE_Z) -> bool:
+    """Whether ``trial`` beats ``base`` by more than ``z`` standard errors of their paired per-sequence fitness
+    differences (``fitness_rows``; trials recorded without them: by the sign of the difference alone)."""
+    if trial.value >= base.value:
+        return False
+    a, b = trial.user_attrs.get("fitness_rows"), base.user_attrs.get("fitness_rows")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return True
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return bool(diff.mean() < -z * diff.std(ddof=1) / np.sqrt(diff.size))
 
 
 def _unit(space: Space, run: int | None) -> int:
@@ -183,10 +201,10 @@ def _enqueue(study: optuna.Study, ws, children: dict[str, np.ndarray], base, run
                                     user_attrs={"guide": label, "drop_base": base.number, "drop_run": run})
 
 
-def _results(study: optuna.Study) -> dict[str, float]:
-    """Fitness of the completed scan trials by name (``block-3``, ``run-3-5``, ``top-2``, …)."""
+def _results(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
+    """The completed scan trials by name (``block-3``, ``run-3-5``, ``top-2``, …)."""
     head = f"{SCAN}/"
-    return {t.user_attrs["guide"][len(head):]: t.value
+    return {t.user_attrs["guide"][len(head):]: t
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if str(t.user_attrs.get("guide", "")).startswith(head)}
 

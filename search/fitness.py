@@ -1,5 +1,7 @@
 """The search's fitness: how far a candidate is from the dense model on held-out tokens, summed over a slice of the
-held-out sequences at a time, so that a first rung of a few sequences can stop poor candidates early.
+held-out sequences at a time, so that a first rung of a few sequences can stop poor candidates early. Each
+fitness also gives its per-sequence terms (``rows``): two candidates scored on the same sequences differ by more than
+noise only when the paired per-sequence differences say so (``search.drops`` asks before committing to a drop).
 
 ``kl`` (default): mean per-token KL(dense ‖ candidate), against dense log-probabilities computed once and cached.
 ``ppl``: perplexity of the candidate on the same tokens (no dense reference needed).
@@ -8,6 +10,7 @@ held-out sequences at a time, so that a first rung of a few sequences can stop p
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -16,7 +19,20 @@ from torch import nn
 KINDS = ("kl", "ppl")
 
 
-class KLFitness:
+class _Fitness(ABC):
+    """What both kinds share: the sum over a slice of sequences from their per-sequence terms."""
+
+    @abstractmethod
+    def rows(self, model: nn.Module, start: int, stop: int) -> tuple[torch.Tensor, int]:
+        """Per-sequence summed terms over held-out sequences ``start:stop``, and the tokens per sequence."""
+
+    def partial(self, model: nn.Module, start: int, stop: int) -> tuple[float, int]:
+        """(summed terms, tokens) over held-out sequences ``start:stop``."""
+        sums, tokens = self.rows(model, start, stop)
+        return float(sums.sum()), sums.numel() * tokens
+
+
+class KLFitness(_Fitness):
     """Mean KL to the dense model's next-token distributions (``prunesearch.evaluate.DenseReference``)."""
 
     def __init__(self, model: nn.Module, heldout: torch.Tensor, batch_size: int, cache: Path):
@@ -25,27 +41,27 @@ class KLFitness:
         self.batch_size = batch_size
         self.reference = DenseReference.cached(cache, model, heldout, batch_size)
 
-    def partial(self, model: nn.Module, start: int, stop: int) -> tuple[float, int]:
-        """(summed KL, tokens) over held-out sequences ``start:stop``."""
-        return self.reference.kl_sum(model, start, stop, self.batch_size)
+    def rows(self, model: nn.Module, start: int, stop: int) -> tuple[torch.Tensor, int]:
+        """Per-sequence summed KL over held-out sequences ``start:stop``, and the tokens per sequence."""
+        return self.reference.kl_rows(model, start, stop, self.batch_size)
 
     def value(self, total: float, count: int) -> float:
         return total / count
 
 
-class PerplexityFitness:
+class PerplexityFitness(_Fitness):
     """Perplexity of the candidate itself on the held-out tokens."""
 
     def __init__(self, model: nn.Module, heldout: torch.Tensor, batch_size: int, cache: Path):
         self.heldout, self.batch_size = heldout, batch_size
 
-    def partial(self, model: nn.Module, start: int, stop: int) -> tuple[float, int]:
-        """(summed negative log-likelihood, tokens) over held-out sequences ``start:stop``."""
+    def rows(self, model: nn.Module, start: int, stop: int) -> tuple[torch.Tensor, int]:
+        """Per-sequence summed negative log-likelihood over held-out sequences ``start:stop``, and the tokens per
+        sequence."""
         from prunesearch.evaluate import window_nll
 
-        nll = window_nll(model, self.heldout[start:stop], self.batch_size)
         tokens = self.heldout.shape[1] - 1
-        return float(nll.sum()) * tokens, nll.numel() * tokens
+        return window_nll(model, self.heldout[start:stop], self.batch_size).double() * tokens, tokens
 
     def value(self, total: float, count: int) -> float:
         return math.exp(total / count)

@@ -263,17 +263,20 @@ class Workspace:
         return SpaceRecord.from_workspace(self)
 
     def measure(self, alloc: np.ndarray, trial: optuna.Trial | None = None) -> dict:
-        """Realize and score an allocation at both fidelities; a ``trial`` may be pruned after the first."""
+        """Realize and score an allocation at both fidelities; a ``trial`` may be pruned after the first. The
+        per-sequence terms (``fitness_rows``, mean per token) let a caller tell a real gain from sampling noise."""
         self.realize(alloc)
         n_low = self.settings.low_fidelity_samples
-        low_sum, low_count = self.fitness.partial(self.model, 0, n_low)
-        low = self.fitness.value(low_sum, low_count)
+        low, tokens = self.fitness.rows(self.model, 0, n_low)
+        low_value = self.fitness.value(float(low.sum()), low.numel() * tokens)
         if trial is not None:
-            trial.report(low, step=0)
+            trial.report(low_value, step=0)
             if trial.should_prune():
                 raise optuna.TrialPruned
-        rest_sum, rest_count = self.fitness.partial(self.model, n_low, self.heldout.shape[0])
-        return {"fitness_low": low, "fitness": self.fitness.value(low_sum + rest_sum, low_count + rest_count)}
+        rest, _ = self.fitness.rows(self.model, n_low, self.heldout.shape[0])
+        rows = torch.cat([low, rest])
+        return {"fitness_low": low_value, "fitness": self.fitness.value(float(rows.sum()), rows.numel() * tokens),
+                "fitness_rows": (rows / tokens).tolist()}
 
     def objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
         """Fitness of the trial's allocation; with a budget range, (fitness, sparsity). A non-finite fitness or
@@ -298,6 +301,7 @@ class Workspace:
         if twin is not None:  # the same effective allocation was measured already: reuse, do not re-measure
             trial.set_user_attr("duplicate_of", twin.number)
             trial.set_user_attr("fitness_low", twin.user_attrs.get("fitness_low"))
+            trial.set_user_attr("fitness_rows", twin.user_attrs.get("fitness_rows"))
             trial.set_user_attr("wall_s", time.perf_counter() - t)
             return tuple(twin.values) if self.multi else twin.value
         # seeds and predictor-chosen trials are always measured in full; multi-objective studies cannot prune
@@ -307,5 +311,6 @@ class Workspace:
         finally:
             trial.set_user_attr("wall_s", time.perf_counter() - t)
         trial.set_user_attr("fitness_low", result["fitness_low"])
+        trial.set_user_attr("fitness_rows", result["fitness_rows"])
         # rounded so that allocations on the same budget level tie exactly instead of by float noise
         return (result["fitness"], round(attrs["budget_sparsity"], 9)) if self.multi else result["fitness"]

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import search_argv
 from prunesearch.cli import main
-from search.drops import drop_scan, run_length, scan_size
+from search.drops import clears_noise, drop_scan, run_length, scan_size
 from search.faults import StopRule
 from search.samplers import drop_blocks, param_name
 from search.space import Space
@@ -123,6 +123,71 @@ def test_the_best_drop_set_is_measured_under_profiles_of_the_blocks_it_keeps(tmp
         t.value for name, t in by.items() if not name.startswith("profile-"))
     drop_scan(study, ws, StopRule(trials=60, deadline=None), run=3)  # resumed: nothing new
     assert len(study.get_trials()) == 1 + len(by) == 1 + 10 + 9
+
+
+class _Noisy(_Linear):
+    """``_Linear`` with per-sequence fitness terms (``fitness_rows``) on 8 sequences: every sequence reads the linear
+    fitness, plus ``swing`` × (block 1's sparsity above 0.6) with alternating sign and a net lean of ``lean``."""
+
+    def __init__(self, out, cost, swing: float, lean: float):
+        super().__init__(out, cost)
+        self.wave = swing * np.array([1.0, -1.0] * 4) + lean
+
+    def objective(self, trial) -> float:
+        value = super().objective(trial)
+        alloc = np.array(trial.user_attrs["allocation"])
+        rows = value + self.wave * max(alloc[1] - 0.6, 0.0)
+        trial.set_user_attr("fitness_rows", rows.tolist())
+        return float(rows.mean())
+
+
+def test_a_drop_whose_gain_is_within_the_noise_of_the_sequences_is_not_combined(tmp_path, caplog):
+    # cost as above: dropping blocks 1 and 3 improves the mean; block 1's gain is swamped by its per-sequence swing
+    cost = [3.0, -1.0, 1.0, -2.0, 2.0]
+    ws = _Noisy(tmp_path, cost, swing=20.0, lean=0.0)
+    study = optuna.create_study()
+    study.enqueue_trial({param_name(u): 0.6 for u in ws.space.units}, user_attrs={"seed": "uniform"})
+    with caplog.at_level(logging.INFO, logger="prunesearch.search"):
+        drop_scan(study, ws, StopRule(trials=40, deadline=None))
+    by = {t.user_attrs["guide"]: t for t in study.get_trials()[1:]}
+    base = study.get_trials()[0]
+    assert by["drop-scan/block-1"].value < base.value and by["drop-scan/block-3"].value < base.value
+    assert clears_noise(by["drop-scan/block-3"], base) and not clears_noise(by["drop-scan/block-1"], base)
+    assert sorted(by) == [f"drop-scan/block-{b}" for b in range(5)]  # one drop clears the noise: nothing to combine
+    assert "1 of 5 drops improve it beyond noise" in caplog.text
+
+    # the same swing with a lean that clears it: both drops count and are combined
+    study = optuna.create_study()
+    study.enqueue_trial({param_name(u): 0.6 for u in ws.space.units}, user_attrs={"seed": "uniform"})
+    drop_scan(study, _Noisy(tmp_path, cost, swing=0.5, lean=-0.5), StopRule(trials=40, deadline=None))
+    assert "drop-scan/top-2" in {t.user_attrs["guide"] for t in study.get_trials()[1:]}
+
+
+def test_clears_noise_compares_paired_sequence_differences():
+    def trial(rows):
+        return optuna.trial.create_trial(value=float(np.mean(rows)), user_attrs={"fitness_rows": list(rows)})
+
+    base = trial([1.0, 2.0, 3.0, 4.0])
+    assert clears_noise(trial([0.9, 1.9, 2.9, 3.9]), base)  # 0.1 lower on every sequence: far beyond the noise
+    assert not clears_noise(trial([0.5, 2.5, 2.5, 4.1]), base)  # 0.1 lower on average, ±0.5 per sequence
+    assert clears_noise(trial([0.5, 2.5, 2.5, 4.1]), base, z=0.1)
+    assert not clears_noise(trial([1.1, 2.1, 3.1, 4.1]), base)  # worse is never a gain
+    bare = optuna.trial.create_trial(value=2.4)  # no rows recorded (older runs): the sign alone
+    assert clears_noise(bare, base) and not clears_noise(optuna.trial.create_trial(value=2.6), base)
+
+
+@pytest.mark.parametrize("kind", ["kl", "ppl"])
+def test_a_measured_allocation_records_its_per_sequence_terms(kind, tiny_llama_dir, tiny_calib_file, tmp_path):
+    from conftest import search_settings
+    from search.engine import Workspace
+
+    ws = Workspace(search_settings(tiny_llama_dir, tiny_calib_file, fitness=kind), tmp_path / "ws")
+    result = ws.measure(np.asarray(ws.seeds()["atp-0.2"]))
+    rows = np.asarray(result["fitness_rows"])
+    assert rows.shape == (6,) and rows.std() > 0  # one mean term per held-out sequence, and they differ
+    undo = np.exp if kind == "ppl" else (lambda v: v)
+    assert undo(rows.mean()) == pytest.approx(result["fitness"], rel=1e-5)
+    assert undo(rows[:2].mean()) == pytest.approx(result["fitness_low"], rel=1e-5)
 
 
 def test_the_default_unit_is_a_tenth_of_the_depth():
