@@ -65,8 +65,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--level-step", type=float, default=0.025, help="sparsegpt level grid step")
     ap.add_argument("--granularity", default="block", choices=["block", "projection"])
-    ap.add_argument("--fitness-data", default="c4", choices=["c4", "wikitext2", "ptb"],
-                    help="held-out text of the search's fitness (wikitext2/ptb: their validation split)")
+    ap.add_argument("--fitness-data", default="c4", help="held-out text of the search's fitness: c4, wikitext2 "
+                                                          "or ptb (their validation split), or a mix: c4+wikitext2")
     ap.add_argument("--stats-inputs", choices=["dense", "pruned", "candidate"],
                     help="the ranks' / level database's statistics from dense inputs or through pruned blocks, or "
                          "every candidate pruned for real (default: the search's, search.settings)")
@@ -145,8 +145,10 @@ def markdown(summary: dict, args, samplers: list[str], curves: pd.DataFrame, eff
     first = samplers[0]
     data = args.report.split(",")[0] if args.report else None
     windows = f"the first {args.report_limit} windows" if args.report_limit else "the full stream"
-    fitness_text, fitness_where = (("C4", "docs 900-949 of the bundled sample") if args.fitness_data == "c4" else
-                                   (args.fitness_data, "its validation split"))
+    fitness_text, fitness_where = {"c4": ("C4", "docs 900-949 of the bundled sample"),
+                                   "c4+wikitext2": ("C4 / WikiText-2 validation", "alternating; C4 docs 900-949 and "
+                                                    "the validation split, never the test split")}.get(
+        args.fitness_data, (args.fitness_data, "its validation split"))
     realized_from = "level database" if get_method(args.pruner).realizer == "levels" else "ranks"
     realized_from += {"pruned": " (statistics through blocks pruned at the budget)",
                       "candidate": " (every candidate pruned for real, sequentially)"}.get(

@@ -124,10 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate-nsamples", type=int, metavar="N",
                    help="--stats-inputs candidate: the first N calibration sequences prune each candidate "
                         "(default: 8, at most --nsamples); the answer is pruned with all of them")
-    p.add_argument("--fitness-data", default="c4", choices=["c4", "wikitext2", "ptb"],
-                   help="held-out text the fitness is measured on: C4 documents kept apart from calibration and "
-                        "reports (default), or the validation split of WikiText-2 / PTB (never their test split): "
-                        "the domain the allocation is chosen for")
+    p.add_argument("--fitness-data", default="c4", metavar="DATA",
+                   help="held-out text the fitness is measured on: c4, documents kept apart from calibration and "
+                        "reports (default); wikitext2 or ptb, their validation split (never their test split); or "
+                        "a mix such as c4+wikitext2, whose windows alternate: the domain the allocation is chosen "
+                        "for")
     p.add_argument("--enqueue", action="append", metavar="CONFIG",
                    help="a per-layer sparsity config (JSON/YAML, such as an earlier run's best_config.json) "
                         "measured first beside the heuristic seeds, fitted to this budget and granularity: a "

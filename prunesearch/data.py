@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from prunesearch.cache import cache_dir
 from prunesearch.safety import UserError
-from prunesearch.sources import Plan, describe, resolve
+from prunesearch.sources import Plan, describe, mix_parts, resolve
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -195,8 +195,15 @@ def eval_ids(tokenizer: PreTrainedTokenizerBase, name: str, data_dir: str | Path
 def heldout_ids(tokenizer: PreTrainedTokenizerBase, nsamples: int, seqlen: int, seed: int = 0,
                 data_dir: str | Path | None = None, source: str = "c4") -> torch.LongTensor:
     """Random windows of held-out text, the search's fitness and KL data: C4 documents never used for calibration
-    or reports, or the validation split of WikiText-2 / PTB (never their test split)."""
+    or reports, or the validation split of WikiText-2 / PTB (never their test split), or a mix of them such as
+    ``c4+wikitext2`` whose windows alternate between the parts (the first N of a longer draw are the N-window draw)."""
     _check_sizes(nsamples, seqlen)
+    parts = mix_parts(source)
+    if len(parts) > 1:
+        k = len(parts)
+        drawn = [heldout_ids(tokenizer, (nsamples - i + k - 1) // k, seqlen, seed, data_dir, part)
+                 for i, part in enumerate(parts[:nsamples])]
+        return torch.stack([drawn[j % k][j // k] for j in range(nsamples)])
     plan = resolve(source, "heldout", data_dir)
     if plan.joiner is None:
         return _windows_from_documents(_DocumentIds(tokenizer, plan), nsamples, seqlen, seed, _what(plan))

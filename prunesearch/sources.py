@@ -270,9 +270,22 @@ def resolve(source: str, role: str, data_dir: str | Path | None) -> Plan:
     )
 
 
+def mix_parts(source: str) -> list[str]:
+    """The datasets of a held-out mix such as ``c4+wikitext2`` (one name: itself); its windows alternate between
+    them, so that every prefix (the early-stopping rung) holds each part nearly equally."""
+    parts = source.split("+")
+    if len(parts) > 1 and (len(set(parts)) != len(parts) or any(p not in NAMES for p in parts)):
+        raise UserError(f"a held-out mix joins distinct names of {', '.join(NAMES)} with '+' (c4+wikitext2), "
+                        f"got {source!r}")
+    return parts
+
+
 def describe(source: str, data_dir: str | Path | None = None, role: str | None = None) -> dict:
     """The protocol record of what ``source`` resolves to, for one role or (default) every role it has."""
     resolve_data_dir(data_dir)
+    if role == "heldout" and len(parts := mix_parts(source)) > 1:
+        return {"mix": source, "windows": f"alternating {', '.join(parts)}, each drawn with the run's seed",
+                "parts": [describe(part, data_dir, role) for part in parts]}
     if role is not None:
         return dict(resolve(source, role, data_dir).record, tokens="no special tokens added")
     roles = ROLES if source == "c4" else ROLES[:2]

@@ -107,7 +107,8 @@ class SearchSettings:
     latency_table: str | None = None  # a latency= budget's table (pruners.width.latency JSON); None: measure here
     stats_inputs: str | None = None  # None: the realizer's default (DEFAULT_STATS_INPUTS)
     candidate_nsamples: int | None = None  # --stats-inputs candidate: calibration sequences per candidate
-    fitness_data: str = "c4"  # the held-out text of the fitness: C4 documents, or a WikiText-2 / PTB validation split
+    fitness_data: str = "c4"  # the fitness's held-out text: C4 documents, a WikiText-2 / PTB validation split, or a
+    # mix of them (c4+wikitext2: windows alternate)
     enqueue: list[str] = field(default_factory=list)  # sparsity configs measured first, beside the heuristic seeds
     drop_scan: str = "auto"  # search.drops: on, off, or auto (single-budget sparsity searches without --enqueue)
     drop_run: int | None = None  # blocks per drop-scan unit; None: search.drops.run_length (a tenth of the depth)
@@ -144,10 +145,12 @@ class SearchSettings:
             self._validate_candidate()
         elif self.candidate_nsamples is not None:
             raise UserError("--candidate-nsamples applies to --stats-inputs candidate only")
-        from prunesearch.sources import NAMES
+        from prunesearch.sources import NAMES, mix_parts
 
-        if self.fitness_data not in NAMES:
-            raise UserError(f"--fitness-data must be one of {', '.join(NAMES)}, got {self.fitness_data!r}")
+        if "+" not in self.fitness_data and self.fitness_data not in NAMES:
+            raise UserError(f"--fitness-data must be one of {', '.join(NAMES)} or a mix of them joined with '+' "
+                            f"(c4+wikitext2), got {self.fitness_data!r}")
+        mix_parts(self.fitness_data)
         if self.drop_scan not in DROP_SCAN:
             raise UserError(f"--drop-scan must be one of {', '.join(DROP_SCAN)}, got {self.drop_scan!r}")
         if self.drop_run is not None and self.drop_run < 1:

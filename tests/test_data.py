@@ -317,3 +317,21 @@ def test_search_fitness_on_a_validation_split_never_the_test_split(tiny_tokenize
         assert data.describe(name, data_dir, role="heldout")["split"] == "validation"
     with pytest.raises(UserError, match="no wikitext2 validation split"):
         data.heldout_ids(tiny_tokenizer, 2, 8, data_dir=tmp_path, source="wikitext2")
+
+
+def test_a_heldout_mix_alternates_its_parts_and_a_longer_draw_extends_a_shorter_one(tiny_tokenizer, data_dir):
+    """--fitness-data c4+wikitext2: windows alternate C4 / WikiText-2 validation, each part drawn as alone, so the
+    early-stopping rung holds both and the selection's fresh windows (a longer draw's tail) never repeat fitness."""
+    mix = data.heldout_ids(tiny_tokenizer, 7, 20, seed=3, data_dir=data_dir, source="c4+wikitext2")
+    c4 = data.heldout_ids(tiny_tokenizer, 4, 20, seed=3, data_dir=data_dir, source="c4")
+    wiki = data.heldout_ids(tiny_tokenizer, 3, 20, seed=3, data_dir=data_dir, source="wikitext2")
+    assert mix.shape == (7, 20) and torch.equal(mix[0::2], c4) and torch.equal(mix[1::2], wiki)
+    assert torch.equal(data.heldout_ids(tiny_tokenizer, 4, 20, seed=3, data_dir=data_dir, source="c4+wikitext2"),
+                       mix[:4])
+    assert not torch.equal(c4[:3], wiki)
+    record = data.describe("c4+wikitext2", data_dir, role="heldout")
+    assert record["mix"] == "c4+wikitext2" and [p["split"] for p in record["parts"]] == [
+        "train shard 00000, documents 900-949", "validation"]
+    for bad in ("c4+c4", "c4+wiki", "c4+"):
+        with pytest.raises(UserError, match="a held-out mix joins distinct names of c4, wikitext2, ptb"):
+            data.heldout_ids(tiny_tokenizer, 2, 8, data_dir=data_dir, source=bad)

@@ -258,6 +258,16 @@ def test_drop_run_below_one_is_refused(tiny_llama_dir, tiny_calib_file, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.parametrize("value, why", [("wiki", "must be one of c4, wikitext2, ptb or a mix"),
+                                        ("c4+c4", "a held-out mix joins distinct names")])
+def test_a_bad_fitness_data_is_refused(tiny_llama_dir, tiny_calib_file, tmp_path, capsys, value, why):
+    out = tmp_path / "run"
+    assert main(search_argv(tiny_llama_dir, tiny_calib_file, out, "--fitness-data", value)) == 2
+    err = capsys.readouterr().err
+    assert why in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("extra, why", [
     (("--drop-scan", "off"), None),
     (("--enqueue", "START"), None),  # auto: a search started from an earlier answer (coarse to fine's 2nd stage)
