@@ -23,12 +23,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from prunesearch.sources import mix_parts
 from pruners.methods import get_method, names
 from search.engine import (SearchSettings, Selection, default_effort, default_selection, default_stats_inputs,
                            run_search)
 from search.settings import DEFAULT_STATS_INPUTS
 from search.guided import Guide, GuideConfig
 from search.seeds import START
+
+FITNESS_TEXT = {"c4": ("C4", "docs 900-949 of the bundled sample"),  # what each held-out source is, for the tables
+                "wikitext2": ("WikiText-2", "the validation split, never the test split"),
+                "ptb": ("PTB", "the validation split, never the test split")}
 
 
 def anytime(frame: pd.DataFrame) -> pd.DataFrame:
@@ -145,10 +150,9 @@ def markdown(summary: dict, args, samplers: list[str], curves: pd.DataFrame, eff
     first = samplers[0]
     data = args.report.split(",")[0] if args.report else None
     windows = f"the first {args.report_limit} windows" if args.report_limit else "the full stream"
-    fitness_text, fitness_where = {"c4": ("C4", "docs 900-949 of the bundled sample"),
-                                   "c4+wikitext2": ("C4 / WikiText-2 validation", "alternating; C4 docs 900-949 and "
-                                                    "the validation split, never the test split")}.get(
-        args.fitness_data, (args.fitness_data, "its validation split"))
+    parts = mix_parts(args.fitness_data)
+    fitness_text = " / ".join(FITNESS_TEXT[p][0] for p in parts)
+    fitness_where = ("alternating; " if len(parts) > 1 else "") + ", ".join(FITNESS_TEXT[p][1] for p in parts)
     realized_from = "level database" if get_method(args.pruner).realizer == "levels" else "ranks"
     realized_from += {"pruned": " (statistics through blocks pruned at the budget)",
                       "candidate": " (every candidate pruned for real, sequentially)"}.get(
